@@ -1,0 +1,1 @@
+"""Shared fixtures. The OSS-dialect test server lives in tests/oss_server.py."""

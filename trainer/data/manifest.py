@@ -1,0 +1,52 @@
+"""The dataset folder that read_data writes and every later step reads.
+
+    manifest.jsonl   one ManifestRecord a line
+    classes.txt      one class name a line; a label id is a line index
+    summary.json     DatasetSummary
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from trainer import storage
+
+MANIFEST = "manifest.jsonl"
+CLASSES = "classes.txt"
+SUMMARY = "summary.json"
+
+
+class ManifestRecord(BaseModel):
+    uri: str = Field(..., description="Absolute image URL: a local path, oss://bucket/key or another fsspec URL")
+    labels: list[int] = Field(..., description="Label ids (indices into classes.txt); the first is the primary label")
+    source: str = Field(..., description="file:line of the annotation this record came from")
+
+
+class DatasetSummary(BaseModel):
+    split: str
+    annotations: str
+    data_format: str
+    num_samples: int
+    num_classes: int
+    images_per_class: dict[str, int]
+    multi_label_samples: int = 0
+    cached_images: bool = False
+
+
+def write_dataset(dataset_dir: str, records: list[ManifestRecord], classes: list[str], summary: DatasetSummary) -> None:
+    storage.write_text(storage.join(dataset_dir, MANIFEST), "".join(r.model_dump_json() + "\n" for r in records))
+    storage.write_text(storage.join(dataset_dir, CLASSES), "".join(c + "\n" for c in classes))
+    storage.write_text(storage.join(dataset_dir, SUMMARY), summary.model_dump_json(indent=2))
+
+
+def read_manifest(dataset_dir: str) -> list[ManifestRecord]:
+    text = storage.read_text(storage.join(dataset_dir, MANIFEST))
+    return [ManifestRecord.model_validate_json(line) for line in text.splitlines() if line.strip()]
+
+
+def read_classes(dataset_dir: str) -> list[str]:
+    return [c for c in storage.read_text(storage.join(dataset_dir, CLASSES)).split("\n") if c != ""]
+
+
+def read_summary(dataset_dir: str) -> DatasetSummary:
+    return DatasetSummary.model_validate_json(storage.read_text(storage.join(dataset_dir, SUMMARY)))

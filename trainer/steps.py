@@ -1,0 +1,149 @@
+"""The five pipeline steps: a typed input model in, a typed output model out.
+
+Steps exchange only URLs of folders, so each can run in its own process, pod or task. The
+CLI, the KFP components and the Airflow operators are adapters over these functions; any
+logic they would need belongs here or below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.config import DataFormat, RunConfig
+
+
+class StepModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- 1. read data ------------------------------------------------------------------------------
+
+
+class ReadDataInput(StepModel):
+    output_dir: str = Field(..., description="Folder (local or oss://) that receives the dataset")
+    annotations: str | None = Field(None, description="Annotation file (local or oss://)")
+    upstream_annotations: str | None = Field(None, description="Annotation file from an upstream step; wins over `annotations`")
+    data_format: DataFormat = DataFormat.IMAGE_LIST
+    data_root: str | None = Field(None, description="Root for relative image paths (default: the annotation file's folder)")
+    delimiter: str = " "
+    class_names: list[str] | str | None = Field(None, description="Class names in label order: list, 'a,b,c' or a file path")
+    cache_images: bool = Field(False, description="Also copy the images into output_dir/images (a local cache)")
+    split: str = Field("train", description="Name recorded in the summary (train, val, ...)")
+
+
+class ReadDataOutput(StepModel):
+    dataset_dir: str
+    num_samples: int
+    num_classes: int
+    classes: list[str]
+
+
+def read_data(inp: ReadDataInput) -> ReadDataOutput:
+    """Parse an annotation file into a dataset folder: manifest.jsonl, classes.txt, summary.json."""
+    from trainer.data.reader import build_dataset
+
+    return build_dataset(inp)
+
+
+# --- 2. validate ---------------------------------------------------------------------------------
+
+
+class ValidateInput(StepModel):
+    dataset_dir: str = Field(..., description="Output of read_data")
+    output_dir: str = Field(..., description="Folder that receives validation.json and report.html")
+    min_images_per_class: int = Field(2, ge=1)
+    imbalance_ratio: float = Field(10.0, gt=1, description="Warn when the largest class is this many times the smallest")
+    workers: int = Field(4, ge=1, description="Threads that decode images")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="Refuse images above this many pixels")
+
+
+class ValidateOutput(StepModel):
+    validation_dir: str
+    ok: bool
+    num_errors: int
+    num_warnings: int
+    report_html: str
+
+
+def validate(inp: ValidateInput) -> ValidateOutput:
+    """Decode every image and check labels; raises DataError (file:line) on fatal problems."""
+    from trainer.data.validation import validate_dataset
+
+    return validate_dataset(inp)
+
+
+# --- 3. train --------------------------------------------------------------------------------------
+
+
+class TrainInput(StepModel):
+    config: RunConfig
+    train_dataset: str | None = Field(None, description="dataset_dir of read_data for the train split")
+    val_dataset: str | None = Field(None, description="dataset_dir of read_data for the val split (optional)")
+    resume: bool = Field(True, description="Continue from the last checkpoint in output_dir if one exists")
+
+
+class TrainOutput(StepModel):
+    model_dir: str
+    config_hash: str
+    epochs_completed: int
+    stopped_early: bool = Field(False, description="True when the time limit stopped the run")
+    final_loss: float
+    history: list[dict[str, Any]]
+    instance_minutes: float
+
+
+def train(inp: TrainInput) -> TrainOutput:
+    from trainer.engine import run_training
+
+    return run_training(inp)
+
+
+# --- 4. evaluate -----------------------------------------------------------------------------------
+
+
+class EvaluateInput(StepModel):
+    model_dir: str = Field(..., description="Output of train (or a published version folder)")
+    dataset_dir: str = Field(..., description="dataset_dir of read_data holding the query/gallery images")
+    output_dir: str = Field(..., description="Folder for metrics.json and recall.png")
+    ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    batch_size: int = Field(64, gt=0)
+    reader_threads: int = Field(2, ge=0)
+
+
+class EvaluateOutput(StepModel):
+    metrics_dir: str
+    metrics: dict[str, float]
+
+
+def evaluate(inp: EvaluateInput) -> EvaluateOutput:
+    from trainer.evaluate import evaluate_model
+
+    return evaluate_model(inp)
+
+
+# --- 5. publish ------------------------------------------------------------------------------------
+
+
+class PublishInput(StepModel):
+    model_dir: str = Field(..., description="Output of train")
+    metrics_dir: str | None = Field(None, description="Output of evaluate; its Recall@1 is checked against the gate")
+    dataset_dir: str | None = Field(None, description="Train dataset, for the data summary in the model card")
+    destination: str = Field(..., description="Folder (local or oss://) holding v1/, v2/, ... and `latest`")
+    min_recall_at_1: float = Field(0.0, ge=0, le=1, description="Refuse to publish below this Recall@1")
+    export_onnx: bool = True
+    export_torchscript: bool = True
+
+
+class PublishOutput(StepModel):
+    published: bool
+    version_dir: str | None
+    version: int | None
+    reason: str = ""
+
+
+def publish(inp: PublishInput) -> PublishOutput:
+    from trainer.publish import publish_model
+
+    return publish_model(inp)
