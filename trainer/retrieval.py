@@ -1,0 +1,153 @@
+"""Retrieval metrics on a set of embeddings: Recall@K and MAP@R, leave-one-out.
+
+Every sample queries all the others by cosine similarity. The numbers equal
+pytorch-metric-learning's AccuracyCalculator (precision_at_1 is Recall@1,
+mean_average_precision_at_r is MAP@R; Musgrave et al., "A Metric Learning Reality Check"),
+which tests/test_retrieval.py checks. They are computed here rather than with
+AccuracyCalculator because it holds every query's neighbour list (and, on its default
+backend, ranks by L2) at once; here faiss exact search runs over query chunks, so memory
+stays at chunk_size x k no matter how many samples there are.
+
+Conventions (the same as PML's):
+- a sample whose class has no other member cannot retrieve anything and is not a query
+  (it still sits in the gallery, where it can be a wrong neighbour);
+- R for a query is the number of *other* samples of its class;
+- the query itself is removed from its own neighbour list; if exact ties push it out of
+  the searched window, the last neighbour is dropped instead so every row keeps k columns.
+
+Ties between equal similarities are broken by the lower sample index, so a result never
+depends on faiss's internal order or on the chunk size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class RetrievalError(ValueError):
+    """Embeddings and labels that cannot give retrieval metrics (the message says why)."""
+
+
+def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
+    """Unit rows as a new float32 array; all-zero rows stay zero instead of becoming NaN."""
+    x = np.array(embeddings, dtype=np.float32, copy=True, order="C")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def retrieval_metrics(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    chunk_size: int = 2048,
+) -> dict[str, float]:
+    """Recall@K for each K, MAP@R, and the counts they are averaged over.
+
+    Returns {"recall_at_<K>": ..., "map_at_r": ..., "num_queries": int, "num_classes": int};
+    num_classes counts the classes that have queries (two or more samples).
+    """
+    import faiss  # imported here: the metric module is also loaded by light-weight callers
+
+    x, y = _check_inputs(embeddings, labels, ks, chunk_size)
+    n = len(x)
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    others = counts[inverse] - 1  # R of every sample
+    queries = np.flatnonzero(others > 0)
+    if len(queries) == 0:
+        raise RetrievalError(
+            f"no class has two or more samples (of {n} samples, {len(counts)} classes); "
+            "retrieval needs at least one pair of the same class"
+        )
+    # the window must hold every same-class neighbour (MAP@R) and the largest K; +1 for self
+    k = min(n - 1, max(max(ks), int(others.max())))
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+
+    hits_at = {kk: 0 for kk in ks}
+    ap_sum = 0.0
+    for start in range(0, len(queries), chunk_size):
+        q = queries[start : start + chunk_size]
+        neighbours = _neighbours(index, x, q, k)
+        relevant = y[neighbours] == y[q][:, None]  # (chunk, k)
+        for kk in ks:
+            hits_at[kk] += int(relevant[:, :kk].any(axis=1).sum())
+        ap_sum += float(_average_precision_at_r(relevant, others[q]).sum())
+
+    out: dict[str, float] = {f"recall_at_{kk}": hits_at[kk] / len(queries) for kk in ks}
+    out["map_at_r"] = ap_sum / len(queries)
+    out["num_queries"] = int(len(queries))
+    out["num_classes"] = int((counts > 1).sum())
+    return out
+
+
+def _check_inputs(
+    embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int], chunk_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    emb = np.asarray(embeddings)
+    y = np.asarray(labels)
+    if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
+        raise RetrievalError(f"embeddings must be a non-empty (N, D) array, got shape {emb.shape}")
+    if y.ndim != 1 or len(y) != len(emb):
+        raise RetrievalError(f"labels must be a 1-D array of {len(emb)} labels, got shape {y.shape}")
+    if not np.isfinite(emb).all():
+        bad = int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
+        raise RetrievalError(f"embedding {bad} holds NaN or inf")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise RetrievalError(f"ks must be positive integers, got {list(ks)}")
+    if chunk_size < 1:
+        raise RetrievalError(f"chunk_size must be positive, got {chunk_size}")
+    return l2_normalize(emb), y
+
+
+def _neighbours(index: object, x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k nearest other samples of each query, ties by lower index."""
+    n = len(x)
+    # one column beyond the k+1 needed shows whether the last needed score is tied with
+    # samples faiss left out of the window (faiss orders and cuts equal scores arbitrarily)
+    width = min(n, k + 2)
+    scores, idx = index.search(x[q], width)
+    order = np.lexsort((idx, -scores), axis=1)
+    top = np.take_along_axis(idx, order, axis=1)[:, : k + 1]
+    if width < n:
+        cut = np.flatnonzero(scores[:, k] <= scores[:, width - 1])
+        if len(cut):
+            top[cut] = _exact_top(x, q[cut], k + 1)
+    is_self = top == q[:, None]
+    missing = ~is_self.any(axis=1)
+    is_self[missing, -1] = True  # self tied out of the window: drop the last column instead
+    return top[~is_self].reshape(len(q), k)
+
+
+def _exact_top(x: np.ndarray, q: np.ndarray, m: int, budget: int = 1 << 23) -> np.ndarray:
+    """Top m by (-score, index) against every sample, for the rows whose ties faiss cut.
+
+    Hand-written because faiss has no tie rule; rare outside duplicate images or a collapsed
+    model, and memory stays at `budget` scores per block.
+    """
+    n = len(x)
+    out = np.empty((len(q), m), dtype=np.int64)
+    rows = max(1, budget // n)
+    for b in range(0, len(q), rows):
+        s = x[q[b : b + rows]] @ x.T  # (B, n)
+        threshold = np.partition(s, n - m, axis=1)[:, n - m][:, None]  # the m-th largest
+        above = s > threshold
+        need = m - above.sum(axis=1, keepdims=True)
+        equal = s == threshold
+        chosen = above | (equal & (np.cumsum(equal, axis=1) <= need))
+        idx = np.nonzero(chosen)[1].reshape(-1, m)  # row-major: ascending index per row
+        val = np.take_along_axis(s, idx, axis=1)
+        order = np.lexsort((idx, -val), axis=1)
+        out[b : b + rows] = np.take_along_axis(idx, order, axis=1)
+    return out
+
+
+def _average_precision_at_r(relevant: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """AP@R per row: mean over the first R ranks of (precision at rank i if rank i is relevant)."""
+    ranks = np.arange(1, relevant.shape[1] + 1)
+    hit = relevant & (ranks[None, :] <= r[:, None])
+    precision = np.cumsum(hit, axis=1) / ranks[None, :]
+    return (precision * hit).sum(axis=1) / r
