@@ -149,7 +149,7 @@ class DataConfig(_Section):
     @classmethod
     def _split_inline(cls, v: Any) -> Any:
         if isinstance(v, str):
-            return [v] if _looks_like_path(v) else [s.strip() for s in v.split(",") if s.strip()]
+            return [v] if looks_like_path(v) else [s.strip() for s in v.split(",") if s.strip()]
         return v
 
     @field_validator("delimiter")
@@ -160,7 +160,7 @@ class DataConfig(_Section):
         return v
 
 
-def _looks_like_path(v: str) -> bool:
+def looks_like_path(v: str) -> bool:
     return "," not in v and ("/" in v or v.endswith(".txt") or "://" in v)
 
 
@@ -290,7 +290,7 @@ class RunConfig(_Section):
                 f"{', '.join(l.value for l in MODEL_PARALLEL_LOSSES)} (got {loss.value})"
             )
         names = self.data.class_names
-        if names is not None and not (len(names) == 1 and _looks_like_path(names[0])):
+        if names is not None and not (len(names) == 1 and looks_like_path(names[0])):
             if self.model.num_classes is not None and self.model.num_classes != len(names):
                 raise ValueError(
                     f"model.num_classes={self.model.num_classes} but data.class_names lists {len(names)} classes"

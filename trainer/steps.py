@@ -30,6 +30,7 @@ class ReadDataInput(StepModel):
     delimiter: str = " "
     class_names: list[str] | str | None = Field(None, description="Class names in label order: list, 'a,b,c' or a file path")
     cache_images: bool = Field(False, description="Also copy the images into output_dir/images (a local cache)")
+    multi_label: bool = Field(False, description="Accept several labels per image from iTAG multi-choice answers (ImageList lines may always list several); the first label is the primary one")
     split: str = Field("train", description="Name recorded in the summary (train, val, ...)")
 
 
