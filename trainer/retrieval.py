@@ -68,17 +68,17 @@ def retrieval_metrics(
     index.add(x)
 
     hits_at = {kk: 0 for kk in ks}
-    ap_sum = 0.0
+    ap = np.empty(len(queries), dtype=np.float64)  # kept per query: sums then match across chunk sizes
     for start in range(0, len(queries), chunk_size):
         q = queries[start : start + chunk_size]
         neighbours = _neighbours(index, x, q, k)
         relevant = y[neighbours] == y[q][:, None]  # (chunk, k)
         for kk in ks:
             hits_at[kk] += int(relevant[:, :kk].any(axis=1).sum())
-        ap_sum += float(_average_precision_at_r(relevant, others[q]).sum())
+        ap[start : start + len(q)] = _average_precision_at_r(relevant, others[q])
 
     out: dict[str, float] = {f"recall_at_{kk}": hits_at[kk] / len(queries) for kk in ks}
-    out["map_at_r"] = ap_sum / len(queries)
+    out["map_at_r"] = float(ap.mean())
     out["num_queries"] = int(len(queries))
     out["num_classes"] = int((counts > 1).sum())
     return out

@@ -107,7 +107,7 @@ def train(inp: TrainInput) -> TrainOutput:
 class EvaluateInput(StepModel):
     model_dir: str = Field(..., description="Output of train (or a published version folder)")
     dataset_dir: str = Field(..., description="dataset_dir of read_data holding the query/gallery images")
-    output_dir: str = Field(..., description="Folder for metrics.json and recall.png")
+    output_dir: str = Field(..., description="Folder for metrics.json and recall_at_k.png")
     ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = Field(64, gt=0)
     reader_threads: int = Field(2, ge=0)

@@ -1,0 +1,122 @@
+"""Step 4: embed a dataset with a trained model and measure retrieval (Recall@K, MAP@R).
+
+The evaluation set is leave-one-out: every image queries all the others. For open-set
+evaluation, give it a dataset of classes the model never saw in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from trainer import storage
+from trainer.data.manifest import ManifestRecord, read_manifest
+from trainer.retrieval import retrieval_metrics
+from trainer.steps import EvaluateInput, EvaluateOutput
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "recall_at_k.png"
+
+
+def evaluate_model(inp: EvaluateInput) -> EvaluateOutput:
+    """Write output_dir/metrics.json and output_dir/recall_at_k.png; return the metrics."""
+    from trainer.model import load_embedding_model
+
+    model, cfg = load_embedding_model(inp.model_dir)
+    records = read_manifest(inp.dataset_dir)
+    if not records:
+        raise ValueError(f"{storage.join(inp.dataset_dir, 'manifest.jsonl')}: the dataset is empty")
+    device = resolve_device(cfg.train.device.value)
+    log.info("embedding %d images from %s on %s", len(records), inp.dataset_dir, device)
+    embeddings, labels = embed(model, records, cfg.data.image_size, inp.batch_size, inp.reader_threads, device)
+    metrics = retrieval_metrics(embeddings, labels, ks=tuple(inp.ks))
+    write_metrics(inp.output_dir, metrics, inp.ks, title=f"{cfg.model.backbone} on {len(records)} images")
+    return EvaluateOutput(metrics_dir=inp.output_dir, metrics=metrics)
+
+
+def write_metrics(output_dir: str, metrics: dict[str, float], ks: Sequence[int], title: str = "Retrieval") -> None:
+    from trainer.plots import recall_at_k_png
+
+    storage.write_text(storage.join(output_dir, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
+    storage.write_bytes(storage.join(output_dir, PLOT_FILE), recall_at_k_png(metrics, ks, title))
+
+
+def read_metrics(metrics_dir: str) -> dict[str, Any]:
+    url = storage.join(metrics_dir, METRICS_FILE)
+    try:
+        metrics = json.loads(storage.read_text(url))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no metrics file; run the evaluate step first") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{url}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{url}: expected a JSON object of metrics, got {type(metrics).__name__}")
+    return metrics
+
+
+def resolve_device(name: str = "auto") -> "torch.device":
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def embed(
+    model: "torch.nn.Module",
+    records: list[ManifestRecord],
+    image_size: int,
+    batch_size: int,
+    reader_threads: int,
+    device: "str | torch.device",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings (float32, N x D, in manifest order) and primary labels (int64, N)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+    loader = _loader(records, image_size, batch_size, reader_threads)
+    chunks: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    with torch.inference_mode():
+        for images, targets in tqdm(loader, desc="embedding", unit="batch", leave=False):
+            chunks.append(model(images.to(device)).float().cpu().numpy())
+            labels.append(np.asarray(targets, dtype=np.int64))
+    return np.concatenate(chunks).astype(np.float32, copy=False), np.concatenate(labels)
+
+
+def raw_pixel_embeddings(records: list[ManifestRecord], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images themselves as vectors (the model's input pixels, flattened): a no-learning baseline."""
+    import torch
+
+    chunks: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for images, targets in _loader(records, image_size, batch_size=256, reader_threads=0):
+        chunks.append(images.reshape(len(images), -1).to(torch.float32).numpy())
+        labels.append(np.asarray(targets, dtype=np.int64))
+    return np.concatenate(chunks), np.concatenate(labels)
+
+
+def _loader(records: list[ManifestRecord], image_size: int, batch_size: int, reader_threads: int) -> Any:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from trainer.data.dataset import ImageDataset
+
+    return DataLoader(
+        ImageDataset(records, image_size, train=False),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=reader_threads,
+        pin_memory=torch.cuda.is_available(),
+    )

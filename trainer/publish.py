@@ -1,0 +1,397 @@
+"""Step 5: export a trained model and publish it as DEST/vN/, then move DEST/latest to it.
+
+Layout of a destination:
+
+    DEST/v1/  model.safetensors  model.ts  model.onnx  classes.txt  config.json
+              model_card.json  MODEL_CARD.md  .reserved
+    DEST/v2/  ...
+    DEST/latest            {"version": 2, "path": "v2", ...}
+
+Guarantees:
+- Nothing is written below the recall gate.
+- Exports are checked against the eager model before anything is uploaded.
+- `latest` is written last and atomically, so a crash at any point leaves it on the previous
+  complete version; a half-uploaded vN is never pointed to.
+- A version number is taken by creating DEST/vN/.reserved exclusively (O_EXCL locally;
+  `x-oss-forbid-overwrite` on OSS when trainer.storage offers `create_exclusive`), so two
+  publishes racing get different numbers. Each writes `latest` atomically and does not move it
+  back to a lower version than it finds there; the two last steps (read, then write) are not
+  one atomic operation, so two racers finishing in the same instant can leave `latest` on
+  the lower of the two versions, never on a broken one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from trainer import storage
+from trainer.steps import PublishInput, PublishOutput
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+RESERVED = ".reserved"
+TORCHSCRIPT = "model.ts"
+ONNX = "model.onnx"
+CARD_JSON = "model_card.json"
+CARD_MD = "MODEL_CARD.md"
+USAGE = "usage.json"
+EXPORT_TOLERANCE = 1e-5
+CHECK_BATCHES = (2, 3)  # two sizes: a dynamic batch dimension that was baked in fails the check
+_VERSION_DIR = re.compile(r"v(\d+)")
+
+
+class PublishError(RuntimeError):
+    """Publishing stopped before `latest` moved; the message says which check failed."""
+
+
+def publish_model(inp: PublishInput) -> PublishOutput:
+    """Gate on Recall@1, export and check, upload DEST/vN/, then point DEST/latest at it."""
+    from trainer.evaluate import read_metrics
+    from trainer.model import CLASSES, CONFIG, WEIGHTS, load_embedding_model
+
+    metrics = read_metrics(inp.metrics_dir) if inp.metrics_dir else None
+    refusal = gate_refusal(metrics, inp.min_recall_at_1, inp.metrics_dir)
+    if refusal:
+        log.warning("not publishing: %s", refusal)
+        return PublishOutput(published=False, version_dir=None, version=None, reason=refusal)
+
+    summary, usage = _data_summary(inp.dataset_dir), _usage(inp.model_dir)  # read early: fail before exporting
+    model, cfg = load_embedding_model(inp.model_dir)
+    image_size = cfg.data.image_size
+    log.info("publishing %s (config %s) to %s", inp.model_dir, cfg.config_hash(), _redact(inp.destination))
+    with tempfile.TemporaryDirectory(prefix="imlt-publish-") as tmp:
+        staging = Path(tmp)
+        for name in (WEIGHTS, CONFIG, CLASSES):  # verbatim: a version folder loads like a model folder
+            (staging / name).write_bytes(storage.read_bytes(storage.join(inp.model_dir, name)))
+        if inp.export_torchscript:
+            log.info("exporting TorchScript")
+            export_torchscript(model, image_size, staging / TORCHSCRIPT)
+        if inp.export_onnx:
+            log.info("exporting ONNX")
+            export_onnx(model, image_size, staging / ONNX)
+        diffs = check_exports(model, staging, image_size)
+
+        version = reserve_version(inp.destination)
+        version_dir = storage.join(inp.destination, f"v{version}")
+        config = json.loads((staging / CONFIG).read_text(encoding="utf-8"))
+        card = model_card(inp, staging, config, metrics, summary, usage, version, diffs)
+        (staging / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+        (staging / CARD_MD).write_text(render_card(card))
+        log.info("uploading to %s", version_dir)
+        storage.upload_dir(staging, version_dir)
+    point_latest(inp.destination, version, card)
+    log.info("published %s (latest -> v%d)", version_dir, version)
+    return PublishOutput(published=True, version_dir=version_dir, version=version)
+
+
+def gate_refusal(metrics: dict[str, Any] | None, min_recall_at_1: float, metrics_dir: str | None) -> str:
+    """Why the model must not be published, or "" if it may."""
+    if metrics is None:
+        if min_recall_at_1 > 0:
+            raise ValueError(f"min_recall_at_1={min_recall_at_1} needs metrics_dir (an evaluate output) to check against")
+        return ""
+    if not isinstance(metrics.get("recall_at_1"), (int, float)):
+        raise ValueError(f"{storage.join(metrics_dir or '', 'metrics.json')}: no numeric 'recall_at_1'")
+    recall = float(metrics["recall_at_1"])
+    if recall >= min_recall_at_1:
+        return ""
+    digits = 2 if f"{recall:.2f}" != f"{min_recall_at_1:.2f}" else 4
+    return f"Recall@1 {recall:.{digits}f} is below the gate {min_recall_at_1:.{digits}f}"
+
+
+# --- exports ---------------------------------------------------------------------------------------
+
+
+def _example(batch: int, image_size: int, seed: int = 0) -> "torch.Tensor":
+    import torch
+
+    return torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def export_torchscript(model: "torch.nn.Module", image_size: int, path: Path) -> None:
+    import torch
+
+    model = model.cpu().eval()
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export, but TorchScript is still what
+        # LibTorch (C++) and many serving stacks load; the check below proves it works
+        warnings.simplefilter("ignore", FutureWarning)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, _example(CHECK_BATCHES[0], image_size))
+        torch.jit.save(traced, str(path))
+
+
+def export_onnx(model: "torch.nn.Module", image_size: int, path: Path) -> None:
+    import torch
+
+    model = model.cpu().eval()
+    big = sum(p.numel() * p.element_size() for p in model.state_dict().values()) > 1.5 * 2**30
+    torch.onnx.export(
+        model,
+        (_example(CHECK_BATCHES[0], image_size),),
+        str(path),
+        dynamo=True,
+        external_data=big,  # ONNX protobufs stop at 2 GiB; beyond, weights go to model.onnx.data
+        input_names=["images"],
+        output_names=["embeddings"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        verbose=False,
+    )
+
+
+def check_exports(model: "torch.nn.Module", folder: Path, image_size: int) -> dict[str, float]:
+    """Largest |export - eager| per export over batches of 2 and 3; PublishError above tolerance."""
+    import numpy as np
+    import torch
+
+    runners: dict[str, Any] = {}
+    if (folder / TORCHSCRIPT).exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(folder / TORCHSCRIPT), map_location="cpu")
+        runners["torchscript"] = lambda x: scripted(x).numpy()
+    if (folder / ONNX).exists():
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(folder / ONNX), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        runners["onnx"] = lambda x: session.run(None, {name: x.numpy()})[0]
+    if not runners:
+        return {}
+    model = model.cpu().eval()
+    worst = {k: 0.0 for k in runners}
+    with torch.inference_mode():
+        for seed, batch in enumerate(CHECK_BATCHES, start=1):
+            x = _example(batch, image_size, seed)
+            eager = model(x).numpy()
+            for k, run in runners.items():
+                try:
+                    out = np.asarray(run(x))
+                except Exception as e:  # a runtime that cannot run its export: say which one
+                    raise PublishError(f"{k} export fails on a batch of {batch}: {type(e).__name__}: {e}") from e
+                if out.shape != eager.shape:
+                    raise PublishError(f"{k} export returns shape {out.shape} for a batch of {batch}, eager {eager.shape}")
+                worst[k] = max(worst[k], float(np.abs(out - eager).max()))
+    bad = {k: v for k, v in worst.items() if not v <= EXPORT_TOLERANCE}
+    if bad:
+        detail = ", ".join(f"{k} differs by {v:.2e}" for k, v in bad.items())
+        raise PublishError(f"exports do not reproduce the eager model within {EXPORT_TOLERANCE}: {detail}")
+    return worst
+
+
+# --- versions and the latest pointer --------------------------------------------------------------
+
+
+def existing_versions(destination: str) -> list[int]:
+    """Version numbers present under destination (any vN folder holding a file)."""
+    found = set()
+    for url in storage.list_files(destination):
+        first = _relative(url, destination).split("/", 1)[0]
+        m = _VERSION_DIR.fullmatch(first)
+        if m:
+            found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def reserve_version(destination: str, attempts: int = 1000) -> int:
+    """Claim the next free version number by creating its marker exclusively."""
+    version = max(existing_versions(destination), default=0) + 1
+    marker = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": _now()}).encode()
+    for _ in range(attempts):
+        if create_exclusive(storage.join(destination, f"v{version}", RESERVED), marker):
+            return version
+        version += 1  # a concurrent publish took it
+    raise PublishError(f"{destination}: could not reserve a version after {attempts} attempts")
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create an object only if it does not exist; False if it does."""
+    if storage.is_local(url):
+        path = Path(url.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    exclusive = getattr(storage, "create_exclusive", None)
+    if exclusive is not None:  # OSS: put_object with x-oss-forbid-overwrite
+        return bool(exclusive(url, data))
+    # No conditional create for this backend: check-then-write leaves a small race window
+    log.warning("%s: no exclusive create for this storage; concurrent publishes may collide", url)
+    if storage.exists(url):
+        return False
+    storage.write_bytes(url, data)
+    return True
+
+
+def point_latest(destination: str, version: int, card: dict[str, Any]) -> None:
+    """Write DEST/latest atomically, unless a concurrent publish already moved it higher."""
+    current = _read_latest(destination, missing_ok=True)
+    if current is not None and int(current.get("version", 0)) > version:
+        log.warning("%s already points to v%s; leaving it (v%d is published but not latest)",
+                    storage.join(destination, LATEST), current["version"], version)
+        return
+    pointer = {
+        "version": version,
+        "path": f"v{version}",
+        "config_hash": card.get("config_hash"),
+        "recall_at_1": (card.get("metrics") or {}).get("recall_at_1"),
+        "published_at": card["created"],
+    }
+    storage.write_text(storage.join(destination, LATEST), json.dumps(pointer, indent=2) + "\n")
+
+
+def resolve_published(destination: str) -> str:
+    """The folder of the version `latest` points to (loadable like a train output folder)."""
+    pointer = _read_latest(destination, missing_ok=False)
+    assert pointer is not None
+    return storage.join(destination, pointer["path"])
+
+
+def _read_latest(destination: str, missing_ok: bool) -> dict[str, Any] | None:
+    url = storage.join(destination, LATEST)
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{url}: nothing published at {_redact(destination)} yet") from None
+    try:
+        pointer = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{url}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(pointer, dict) or not _VERSION_DIR.fullmatch(str(pointer.get("path", ""))):
+        raise ValueError(f"{url}: expected {{\"version\": N, \"path\": \"vN\"}}, got {text[:200]!r}")
+    return pointer
+
+
+def _relative(url: str, base: str) -> str:
+    for prefix in (base.rstrip("/") + "/", base.removeprefix("file://").rstrip("/") + "/"):
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return url
+
+
+# --- model card ------------------------------------------------------------------------------------
+
+
+def model_card(
+    inp: PublishInput,
+    staging: Path,
+    config: dict[str, Any],
+    metrics: dict[str, Any] | None,
+    summary: dict[str, Any] | None,
+    usage: dict[str, Any] | None,
+    version: int,
+    export_diffs: dict[str, float],
+) -> dict[str, Any]:
+    """Everything a consumer needs to trust and use a version, as JSON."""
+    classes = (staging / "classes.txt").read_text(encoding="utf-8").splitlines()
+    size = config["data"]["image_size"]
+    return {
+        "version": version,
+        "created": _now(),
+        "config_hash": config.get("config_hash"),
+        "backbone": config["model"]["backbone"],
+        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32",
+                  "preprocessing": "RGB, resized to image_size, normalised as in trainer.data (evaluation transform)"},
+        "output": {"name": "embeddings", "shape": ["batch", config["model"]["feature_dim"]], "dtype": "float32",
+                   "note": "L2-normalised: compare by dot product (cosine similarity)"},
+        "metrics": metrics,
+        "gate": {"min_recall_at_1": inp.min_recall_at_1},
+        "num_classes": len(classes),
+        "data": summary,
+        "usage": usage,
+        "config": config,
+        "export_check": {"batches": list(CHECK_BATCHES), "tolerance": EXPORT_TOLERANCE, "max_abs_diff": export_diffs},
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                  for p in sorted(staging.iterdir()) if p.is_file()},
+        "sources": {"model_dir": _redact(inp.model_dir), "metrics_dir": _redact(inp.metrics_dir),
+                    "dataset_dir": _redact(inp.dataset_dir)},
+    }
+
+
+def _data_summary(dataset_dir: str | None) -> dict[str, Any] | None:
+    from trainer.data.manifest import read_summary
+
+    return read_summary(dataset_dir).model_dump(mode="json") if dataset_dir else None
+
+
+def _usage(model_dir: str) -> dict[str, Any] | None:
+    """The train step's usage record (instance-minutes, GPUs), if it wrote one."""
+    url = storage.join(model_dir, USAGE)
+    if not storage.exists(url):
+        return None
+    try:
+        usage = json.loads(storage.read_text(url))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{url}:{e.lineno}: not valid JSON ({e.msg})") from None
+    return usage if isinstance(usage, dict) else {"value": usage}
+
+
+def render_card(card: dict[str, Any]) -> str:
+    """MODEL_CARD.md: the same facts for people."""
+    lines = [f"# {card['backbone']} embedding model, v{card['version']}", "",
+             f"Published {card['created']}; config hash `{card['config_hash']}`.", "",
+             "## Use", "",
+             f"Input `{card['input']['name']}`: float32 {card['input']['shape']} ({card['input']['preprocessing']}).",
+             f"Output `{card['output']['name']}`: {card['output']['shape']}, {card['output']['note']}.", "",
+             "Files: " + ", ".join(f"`{n}`" for n in card["files"]) + ".", "",
+             "## Metrics", ""]
+    metrics = card["metrics"]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    else:
+        lines.append("Not evaluated.")
+    lines += ["", f"Publishing gate: Recall@1 >= {card['gate']['min_recall_at_1']}.", "", "## Training data", ""]
+    data = card["data"]
+    if data:
+        lines.append(f"{data['num_samples']} images, {data['num_classes']} classes "
+                     f"(split `{data['split']}`, format {data['data_format']}, from `{data['annotations']}`).")
+    else:
+        lines.append("No data summary given.")
+    if card["usage"]:
+        lines += ["", "## Usage", "", "```json", json.dumps(card["usage"], indent=2), "```"]
+    lines += ["", "## Config", "", "```json", json.dumps(card["config"], indent=2, ensure_ascii=False), "```", ""]
+    return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _redact(url: str | None) -> str | None:
+    """A URL without user:password@ (fsspec URLs may carry them); never put credentials in a card."""
+    if not url or "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
