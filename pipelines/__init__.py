@@ -1,0 +1,1 @@
+"""KFP pipelines built from components.kfp, and their compiled YAML (`python -m pipelines.compile`)."""

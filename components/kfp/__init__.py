@@ -1,0 +1,20 @@
+"""KFP components: one thin adapter per step of trainer.steps, plus import_model.
+
+Each is a Lightweight Python Component on the project image (no packages installed at run
+time); see docs/kfp.md.
+"""
+
+from kfp import dsl
+
+__all__ = ["IMAGE", "evaluate", "import_model", "publish", "read_data", "train", "validate"]
+
+# Inside a running component kfp skips its compile-time modules, so dsl.component is missing
+# there; the component bodies import only components.kfp._artifacts, which needs none of this.
+if hasattr(dsl, "component"):
+    from components.kfp._image import IMAGE
+    from components.kfp.evaluate import evaluate
+    from components.kfp.import_model import import_model
+    from components.kfp.publish import publish
+    from components.kfp.read_data import read_data
+    from components.kfp.train import train
+    from components.kfp.validate import validate

@@ -1,0 +1,44 @@
+"""Kubernetes settings shared by the pipelines: OSS credentials and train-task resources.
+
+kfp.local ignores these (it runs tasks as local processes), so the same pipeline runs
+locally with OSS credentials taken from the environment.
+"""
+
+from __future__ import annotations
+
+from kfp import dsl, kubernetes
+
+from trainer.config import INSTANCE_TYPES
+
+# Secret data key -> environment variable that trainer.storage reads.
+OSS_SECRET_KEYS = {
+    "access_key_id": "OSS_ACCESS_KEY_ID",
+    "access_key_secret": "OSS_ACCESS_KEY_SECRET",
+    "security_token": "OSS_SESSION_TOKEN",
+    "endpoint": "OSS_ENDPOINT",
+}
+
+
+def use_oss_secret(task: dsl.PipelineTask, secret_name: str | dsl.PipelineChannel) -> dsl.PipelineTask:
+    """Expose the OSS credentials Secret as environment variables of a task.
+
+    Optional, so pipelines on local or MinIO-only data run without creating the Secret; a
+    task that then touches oss:// fails in trainer.storage, naming the missing variable.
+    """
+    return kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=OSS_SECRET_KEYS, optional=True)
+
+
+def set_train_resources(task: dsl.PipelineTask, instance_type: str | None) -> dsl.PipelineTask:
+    """CPU/memory/GPU of the train task: a modest CPU pod, or one node of an ECS instance type.
+
+    Requests stay below the instance's size because a node's allocatable resources are
+    smaller than its capacity (kubelet and system reservations); limits are the full size.
+    The well-known label node.kubernetes.io/instance-type pins the pod to that node type.
+    """
+    if instance_type is None:
+        return task.set_cpu_request("2").set_cpu_limit("4").set_memory_request("8G").set_memory_limit("16G")
+    spec = INSTANCE_TYPES[instance_type]
+    task.set_cpu_request(str(max(1, spec.cpu - 1))).set_cpu_limit(str(spec.cpu))
+    task.set_memory_request(f"{int(spec.memory_gb * 0.8)}G").set_memory_limit(f"{spec.memory_gb}G")
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(spec.gpus)
+    return kubernetes.add_node_selector(task, label_key="node.kubernetes.io/instance-type", label_value=instance_type)
