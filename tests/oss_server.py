@@ -484,7 +484,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._check_md5(body)
         obj = StoredObject(body, self.headers.get("Content-Type", "application/octet-stream"))
         with self.oss._lock:
-            self._objects()[self.key] = obj
+            objects = self._objects()
+            if self.headers.get("x-oss-forbid-overwrite", "").lower() == "true" and self.key in objects:
+                raise OssError(409, "FileAlreadyExists", "The object you specified already exists and can not be overwritten.")
+            objects[self.key] = obj
         self._send(200, {"ETag": f'"{obj.etag}"', "x-oss-hash-crc64ecma": str(_crc64(body))})
 
     def _object_headers(self, obj: StoredObject) -> dict[str, str]:

@@ -363,3 +363,14 @@ def test_importing_storage_does_not_import_oss2_or_fsspec() -> None:
     code = "import sys, trainer.storage; print(sorted(m for m in ('oss2', 'fsspec', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("backend", ["local", "oss"])
+def test_create_exclusive_claims_a_name_once(backend: str, tmp_path, request) -> None:
+    if backend == "oss":
+        url = request.getfixturevalue("oss_server").url("claims/v1/.reserved")
+    else:
+        url = str(tmp_path / "claims" / "v1" / ".reserved")
+    assert storage.create_exclusive(url, b"first") is True
+    assert storage.create_exclusive(url, b"second") is False
+    assert storage.read_bytes(url) == b"first"

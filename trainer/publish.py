@@ -13,7 +13,7 @@ Guarantees:
 - `latest` is written last and atomically, so a crash at any point leaves it on the previous
   complete version; a half-uploaded vN is never pointed to.
 - A version number is taken by creating DEST/vN/.reserved exclusively (O_EXCL locally;
-  `x-oss-forbid-overwrite` on OSS when trainer.storage offers `create_exclusive`), so two
+  `x-oss-forbid-overwrite` on OSS, via trainer.storage.create_exclusive), so two
   publishes racing get different numbers. Each writes `latest` atomically and does not move it
   back to a lower version than it finds there; the two last steps (read, then write) are not
   one atomic operation, so two racers finishing in the same instant can leave `latest` on
@@ -213,33 +213,10 @@ def reserve_version(destination: str, attempts: int = 1000) -> int:
     version = max(existing_versions(destination), default=0) + 1
     marker = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": _now()}).encode()
     for _ in range(attempts):
-        if create_exclusive(storage.join(destination, f"v{version}", RESERVED), marker):
+        if storage.create_exclusive(storage.join(destination, f"v{version}", RESERVED), marker):
             return version
         version += 1  # a concurrent publish took it
     raise PublishError(f"{destination}: could not reserve a version after {attempts} attempts")
-
-
-def create_exclusive(url: str, data: bytes) -> bool:
-    """Create an object only if it does not exist; False if it does."""
-    if storage.is_local(url):
-        path = Path(url.removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-    exclusive = getattr(storage, "create_exclusive", None)
-    if exclusive is not None:  # OSS: put_object with x-oss-forbid-overwrite
-        return bool(exclusive(url, data))
-    # No conditional create for this backend: check-then-write leaves a small race window
-    log.warning("%s: no exclusive create for this storage; concurrent publishes may collide", url)
-    if storage.exists(url):
-        return False
-    storage.write_bytes(url, data)
-    return True
 
 
 def point_latest(destination: str, version: int, card: dict[str, Any]) -> None:

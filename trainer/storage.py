@@ -682,6 +682,37 @@ def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 
 
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create an object only if none exists; False if one does. Lets racing writers claim a name.
+
+    Local: O_EXCL. OSS: PutObject with x-oss-forbid-overwrite (409 FileAlreadyExists when taken).
+    Other fsspec URLs have no conditional create: check-then-write, with a small race window.
+    """
+    if is_local(url):
+        path = _local(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if _is_oss(url):
+        t = _oss_target(url)
+        try:
+            _retrying(t, "create", lambda: t.bucket.put_object(t.key, data, headers={"x-oss-forbid-overwrite": "true"}))
+        except StorageError as e:
+            if "409 FileAlreadyExists" in str(e):
+                return False
+            raise
+        return True
+    if exists(url):
+        return False
+    write_bytes(url, data)
+    return True
+
+
 def exists(url: str) -> bool:
     """True for an existing file/object or a non-empty folder/prefix."""
     if is_local(url):
