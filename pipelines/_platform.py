@@ -9,14 +9,10 @@ from __future__ import annotations
 from kfp import dsl, kubernetes
 
 from trainer.config import INSTANCE_TYPES
+from trainer.k8s import OSS_SECRET_KEYS as _SECRET_LAYOUT
 
-# Secret data key -> environment variable that trainer.storage reads.
-OSS_SECRET_KEYS = {
-    "access_key_id": "OSS_ACCESS_KEY_ID",
-    "access_key_secret": "OSS_ACCESS_KEY_SECRET",
-    "security_token": "OSS_SESSION_TOKEN",
-    "endpoint": "OSS_ENDPOINT",
-}
+# The one Secret layout of the project (see trainer.k8s): its keys are the variable names.
+OSS_SECRET_KEYS = {var: var for var, _required in _SECRET_LAYOUT}
 
 
 def use_oss_secret(task: dsl.PipelineTask, secret_name: str | dsl.PipelineChannel) -> dsl.PipelineTask:

@@ -70,7 +70,7 @@ def test_every_task_gets_the_oss_secret(filename: str) -> None:
         source = secret["secretNameParameter"]["componentInputParameter"]
         assert source.removeprefix("pipelinechannel--") == "oss_secret_name", name
         env = {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]}
-        assert env["access_key_id"] == "OSS_ACCESS_KEY_ID" and env["access_key_secret"] == "OSS_ACCESS_KEY_SECRET"
+        assert env["OSS_ACCESS_KEY_ID"] == "OSS_ACCESS_KEY_ID" and env["OSS_ACCESS_KEY_SECRET"] == "OSS_ACCESS_KEY_SECRET"
         assert secret["optional"] is True
 
 

@@ -180,6 +180,24 @@ def demo(
     _call(run_demo, output, epochs, backbone, seed, out)
 
 
+@app.command("k8s-job")
+def k8s_job(
+    config: Annotated[str, typer.Argument(help="Training config (YAML/JSON, local or oss://) the pods will read")],
+    legacy_pytorchjob: Annotated[bool, typer.Option(help="Render a Training Operator v1 PyTorchJob instead of a Kubeflow Trainer TrainJob")] = False,
+    train_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the train split (oss://)")] = None,
+    val_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the val split (oss://)")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Trainer image (default: the project image of this version)")] = None,
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace")] = "default",
+    oss_secret: Annotated[str, typer.Option(help="Secret holding access_key_id / access_key_secret / endpoint")] = "oss-credentials",
+) -> None:
+    """Print the Kubernetes manifest that runs `imlt train` on CONFIG with torchrun on every node."""
+    from trainer.k8s import render_for_cli
+
+    extra = [a for flag, v in (("--train-dataset", train_dataset), ("--val-dataset", val_dataset)) if v for a in (flag, v)]
+    out.print(_call(lambda: render_for_cli(config, legacy_pytorchjob, image=image, namespace=namespace,
+                                           oss_secret=oss_secret, extra_args=extra)), markup=False, highlight=False)
+
+
 def _build(model: type, params: dict[str, Any]) -> Any:
     try:
         return model(**params)
