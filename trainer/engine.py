@@ -1,0 +1,640 @@
+"""The training loop: seeded data, AMP, checkpoints, exact resume, time limit, SIGTERM.
+
+Shape (after Lightning Fabric's "build your own trainer"): `Trainer.fit` -> `train_epoch` ->
+`training_step`, plus `save_checkpoint`, `load_checkpoint`, `latest_checkpoint`. A global step
+counts optimiser steps; the learning rate is a pure function of it.
+
+Reproducibility, and why resume is bit-identical:
+- The data order of an epoch is a function of (seed, epoch), and every sample's augmentation is
+  drawn from generators re-seeded from (seed, epoch, batch, position) just before the sample is
+  loaded (`_SeededSamples`). So a checkpoint needs only (epoch, batch) to continue the data
+  stream exactly, whatever the number of loader workers and wherever the run was cut.
+- Model-side randomness (dropout, drop-path) uses the global generators of the main process;
+  their states go into every checkpoint and are restored on resume.
+- Model, loss (class centres), optimiser, LR scheduler, grad scaler and epoch statistics are all
+  in the checkpoint, which is one dict read back with `torch.load(weights_only=True)`.
+
+Stopping:
+- Time limit (`train.max_hours`, per process invocation; env IMLT_MAX_SECONDS overrides it, and
+  the clock is injectable): at the next step boundary the loop writes a checkpoint, then
+  finishes normally (model, history, usage) with `stopped_early=True`. Resuming continues.
+- SIGTERM (Kubernetes eviction, Airflow kill): the handler only sets a flag; at the next step
+  boundary the loop writes a checkpoint - mid-epoch, holding the batch index - and raises
+  `TrainingInterrupted`. Raising (not returning) keeps an orchestrator from taking a half-trained
+  run for a finished one; its retry resumes from that checkpoint and continues exactly.
+- A NaN/inf loss raises `NonFiniteLossError` naming epoch, batch index and global step before
+  any weight is touched; checkpoints already written stay as they were.
+
+Data-parallel hooks: `rank`/`world_size` attributes, `_wrap` (the one place modules get wrapped)
+and `is_main` guarding every write. Nothing here sets up a process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from trainer import checkpoint as ckpt
+from trainer import storage
+from trainer.config import ConfigError, Device, OptimizerName, RunConfig, Scheduler, config_diff
+from trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes, read_manifest
+from trainer.history import CURVE, EpochMeter, EpochStats, plot_training_curve, write_history
+from trainer.steps import TrainInput, TrainOutput
+
+log = logging.getLogger(__name__)
+
+MAX_SECONDS_ENV = "IMLT_MAX_SECONDS"
+CONFIG_FILE = "config.json"
+USAGE_FILE = "usage.json"
+# Multiplier milestones of the "step" schedule, as fractions of the post-warmup steps.
+STEP_MILESTONES = (0.5, 0.75)
+STEP_GAMMA = 0.1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the weights of that step were not updated."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was written and a resumed run continues from it."""
+
+    def __init__(self, message: str, checkpoint: str = "") -> None:  # default: exceptions must unpickle from args
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class ResumeConfigError(ConfigError):
+    """The checkpoint in output_dir belongs to a run with different parameters."""
+
+
+def run_training(
+    inp: TrainInput,
+    *,
+    clock: Callable[[], float] | None = None,
+    max_seconds: float | None = None,
+) -> TrainOutput:
+    """Train an embedding model on a read_data folder; the step function behind trainer.steps.train.
+
+    `clock` and `max_seconds` exist so tests (and callers with their own deadline) can drive the
+    time limit; by default it is `train.max_hours` of wall time, or env IMLT_MAX_SECONDS.
+    """
+    if not inp.train_dataset:
+        hint = f" (data.train_annotations={inp.config.data.train_annotations!r})" if inp.config.data.train_annotations else ""
+        raise ValueError(
+            "no train dataset: TrainInput.train_dataset is empty; run read_data on the train annotations"
+            f"{hint} and pass its dataset_dir"
+        )
+    trainer = Trainer(inp.config, inp.train_dataset, resume=inp.resume, clock=clock, max_seconds=max_seconds)
+    return trainer.fit()
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+
+
+def resolve_device(choice: Device) -> torch.device:
+    if choice == Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == Device.CUDA and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available here; use auto or cpu")
+    return torch.device(choice.value)
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-spread 63-bit seed from integers (numpy's SeedSequence does the hashing)."""
+    state = np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: Scheduler) -> float:
+    """Multiplier of the peak LR for optimiser step `step` (0-based).
+
+    Hand-written because it is a few lines and must be a pure function of the step (so resume
+    needs only the step count); torch's LambdaLR does the optimiser bookkeeping around it.
+    Linear warmup from 1/warmup to 1, then cosine to 0, steps of x0.1 at 50% and 75%, or flat.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    done = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    if schedule == Scheduler.COSINE:
+        return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+    if schedule == Scheduler.STEP:
+        return STEP_GAMMA ** sum(done >= m for m in STEP_MILESTONES)
+    return 1.0
+
+
+def resolve_config(cfg: RunConfig, classes: list[str], dataset_dir: str) -> RunConfig:
+    """Fill model.num_classes from the dataset's class list; refuse a conflicting explicit value."""
+    n = len(classes)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != n:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but the train dataset's "
+            f"{storage.join(dataset_dir, CLASSES)} lists {n} classes; omit model.num_classes or set it to {n}"
+        )
+    if cfg.model.num_classes == n:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_classes": n})})
+
+
+def _check_labels(records: list[ManifestRecord], num_classes: int, dataset_dir: str) -> None:
+    for r in records:
+        if not r.labels:
+            raise ValueError(f"{storage.join(dataset_dir, MANIFEST)}: record from {r.source} has no label")
+        bad = [lab for lab in r.labels if not 0 <= lab < num_classes]
+        if bad:
+            raise ValueError(
+                f"{storage.join(dataset_dir, MANIFEST)}: record from {r.source} has label id {bad[0]}, "
+                f"outside 0..{num_classes - 1} of classes.txt"
+            )
+
+
+# --- reproducible data stream ---------------------------------------------------------------------
+
+
+class _SeededSamples(Dataset):
+    """Loads each sample with the global generators seeded from its draw key.
+
+    The batch sampler hands out (index, sample_seed) pairs; seeding torch, numpy and Python right
+    before `dataset[index]` makes every random transform a function of (seed, epoch, batch,
+    position), independent of worker count and of where a run was resumed. In the main process
+    (no workers) the previous generator states are put back, so loading never disturbs
+    model-side randomness.
+    """
+
+    def __init__(self, inner: Dataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if get_worker_info() is not None:
+            _seed_cpu_generators(seed)
+            return self.inner[index]
+        saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        _seed_cpu_generators(seed)
+        try:
+            return self.inner[index]
+        finally:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+
+
+def _seed_cpu_generators(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)  # CPU only: never reseeds CUDA generators
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Workers must die on the SIGTERM DataLoader sends at shutdown, not inherit the flag handler.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    base = torch.initial_seed()
+    np.random.seed(base % 2**32)
+    random.seed(base)
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of (index, sample_seed) for one epoch, optionally starting at a batch index.
+
+    Without `inner`, the order is a permutation seeded by (seed, epoch); incomplete last batches
+    are dropped (BatchNorm and margin losses want full batches) unless the data is smaller than
+    one batch. With `inner` (the M-per-class batch sampler), its batches are used as they come
+    after `inner.set_epoch(epoch)`. Skipping to `start_batch` walks indices only, no images.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        *,
+        inner: Any | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if num_samples == 0:
+            raise ValueError("the train dataset has no samples")
+        self.num_samples = num_samples
+        self.local_batch = max(batch_size // world_size, 1)
+        self.seed = seed
+        self.inner = inner
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        if self.inner is not None:
+            return len(self.inner)
+        per_rank = self.num_samples // self.world_size
+        return max(per_rank // self.local_batch, 1)
+
+    def _index_batches(self) -> Iterator[list[int]]:
+        if self.inner is not None:
+            self.inner.set_epoch(self.epoch)
+            yield from self.inner
+            return
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        per_rank = self.num_samples // self.world_size
+        mine = order[self.rank :: self.world_size][:per_rank]
+        for b in range(len(self)):
+            yield mine[b * self.local_batch : (b + 1) * self.local_batch]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b, batch in enumerate(self._index_batches()):
+            if b >= self.start_batch:
+                yield [(int(i), mix_seed(self.seed, self.epoch, b, self.rank, j)) for j, i in enumerate(batch)]
+
+
+# --- the trainer ----------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run over one output folder; `fit()` trains (or resumes) and writes the model."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        train_dataset: str,
+        *,
+        resume: bool = True,
+        clock: Callable[[], float] | None = None,
+        max_seconds: float | None = None,
+    ) -> None:
+        from trainer.losses import build_loss
+        from trainer.model import build_model
+
+        if not storage.exists(storage.join(train_dataset, MANIFEST)):
+            raise FileNotFoundError(f"train dataset {train_dataset}: no {MANIFEST} (is it a read_data output folder?)")
+        self.classes = read_classes(train_dataset)
+        self.cfg = resolve_config(cfg, self.classes, train_dataset)
+        self.train_dataset = train_dataset
+        self.resume = resume
+        self.output_dir = self.cfg.output_dir
+        self.checkpoint_dir = storage.join(self.output_dir, ckpt.CHECKPOINT_DIR)
+        self.clock = clock or time.monotonic
+        env_limit = os.environ.get(MAX_SECONDS_ENV)
+        if max_seconds is None and env_limit:
+            try:
+                max_seconds = float(env_limit)
+            except ValueError:
+                raise ConfigError(f"{MAX_SECONDS_ENV}={env_limit!r} is not a number of seconds") from None
+        self.max_seconds = max_seconds if max_seconds is not None else self.cfg.train.max_hours * 3600.0
+
+        # Data-parallel hook: a launcher sets these (and wraps in `_wrap`); nothing else changes.
+        self.rank, self.world_size = 0, 1
+        self.device = resolve_device(self.cfg.train.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False  # autotuning picks kernels per run: not reproducible
+            torch.backends.cudnn.deterministic = True
+
+        seed_everything(self.cfg.train.seed)
+        records = read_manifest(train_dataset)
+        _check_labels(records, len(self.classes), train_dataset)
+        self.model = build_model(self.cfg.model, self.cfg.data.image_size).to(self.device)
+        self.loss_fn = build_loss(self.cfg.loss, len(self.classes), self.cfg.model.feature_dim).to(self.device)
+        self.optimizer = self._build_optimizer()
+        self.model, self.loss_fn = self._wrap(self.model, self.loss_fn)
+        self.loader, self.batches = self._build_loader(records)
+        self.steps_per_epoch = len(self.batches)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            functools.partial(
+                lr_factor,
+                total_steps=self.cfg.train.epochs * self.steps_per_epoch,
+                warmup_steps=self.cfg.optim.warmup_epochs * self.steps_per_epoch,
+                schedule=self.cfg.optim.scheduler,
+            ),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.train.fp16)
+
+        # progress: `epoch` complete epochs plus `batch` batches of the next one
+        self.epoch = 0
+        self.batch = 0
+        self.global_step = 0
+        self.step_lr = self.current_lr
+        self.history: list[EpochStats] = []
+        self.meter = EpochMeter()
+        self.prior_wall_seconds = 0.0
+        self.stop_reason: str | None = None
+        self._term_requested = False
+        self._clock_start = self.clock()
+        self._wall_start = time.monotonic()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # --- construction ---------------------------------------------------------------------------
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """Model and loss (class centres) together; no weight decay on biases and norm scales."""
+        from timm.optim import param_groups_weight_decay
+
+        o = self.cfg.optim
+        both = nn.ModuleDict({"model": self.model, "loss": self.loss_fn})
+        groups = param_groups_weight_decay(both, weight_decay=o.weight_decay)
+        if o.optimizer == OptimizerName.SGD:
+            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+        return torch.optim.AdamW(groups, lr=o.lr)
+
+    def _wrap(self, model: nn.Module, loss_fn: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The one place modules get wrapped (DistributedDataParallel, compile); identity for now."""
+        return model, loss_fn
+
+    @staticmethod
+    def _unwrap(module: nn.Module) -> nn.Module:
+        return getattr(module, "module", module)
+
+    def _build_loader(self, records: list[ManifestRecord]) -> tuple[DataLoader, EpochBatches]:
+        from trainer.data.dataset import ImageDataset
+
+        t = self.cfg.train
+        # Remote (oss://) images are fetched once, then read from a local copy in later epochs.
+        self._image_cache = None
+        if not all(storage.is_local(r.uri) for r in records):
+            self._image_cache = tempfile.TemporaryDirectory(prefix="imlt-images-")
+        cache_dir = self._image_cache.name if self._image_cache else None
+        dataset = ImageDataset(records, self.cfg.data.image_size, train=True, cache_dir=cache_dir)
+        inner = None
+        if t.m_per_class > 0:
+            from trainer.data.sampler import MPerClassBatchSampler
+
+            inner = MPerClassBatchSampler(
+                dataset.labels, m=t.m_per_class, batch_size=t.batch_size,
+                seed=t.seed, rank=self.rank, world_size=self.world_size,
+            )
+        batches = EpochBatches(len(dataset), t.batch_size, t.seed, inner=inner, rank=self.rank, world_size=self.world_size)
+        workers = self.cfg.data.reader_threads
+        loader = DataLoader(
+            _SeededSamples(dataset),
+            batch_sampler=batches,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            worker_init_fn=_worker_init if workers > 0 else None,
+            # worker base seeds come from here, not from the global generator
+            generator=torch.Generator().manual_seed(mix_seed(t.seed, 1)),
+        )
+        return loader, batches
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> TrainOutput:
+        """Train from scratch or from the latest checkpoint up to train.epochs, then write the model."""
+        epochs, every = self.cfg.train.epochs, self.cfg.train.checkpoint_every
+        self._clock_start, self._wall_start = self.clock(), time.monotonic()
+        self._start_or_resume()  # before any write: a refused resume leaves the folder as it was
+        if self.is_main:
+            storage.write_text(storage.join(self.output_dir, CONFIG_FILE), json.dumps(self.cfg.dump(), indent=2) + "\n")
+        log.info(
+            "training %s on %s: %d images, %d classes, %d batches/epoch, epochs %d..%d of %d",
+            self.cfg.model.backbone, self.device, len(self.loader.dataset), len(self.classes),  # type: ignore[arg-type]
+            self.steps_per_epoch, self.epoch + 1, epochs, epochs,
+        )
+        with self._sigterm_flag():
+            while self.epoch < epochs and self.stop_reason is None:
+                if not self.train_epoch(self.epoch):
+                    self.save_checkpoint()  # stopped mid-epoch: keep the position
+                    break
+                stats = self.meter.stats(self.epoch + 1, self.step_lr)
+                self.history.append(stats)
+                self.epoch, self.batch, self.meter = self.epoch + 1, 0, EpochMeter()
+                log.info(
+                    "epoch %d/%d: loss %.4f (metric %.4f, classification %.4f), lr %.3g, %.1f s, %.0f images/s",
+                    stats.epoch, epochs, stats.loss, stats.metric_loss, stats.classification_loss,
+                    stats.lr, stats.seconds, stats.images_per_second,
+                )
+                if self.epoch % every == 0 or self.epoch == epochs or self.stop_reason is not None:
+                    self.save_checkpoint()
+        if self.stop_reason == "sigterm" and self.epoch < epochs:
+            latest = self.latest_checkpoint()
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM at epoch {self.epoch + 1}, batch {self.batch}; checkpoint {latest}; "
+                "run again with resume to continue",
+                checkpoint=latest or "",
+            )
+        return self._finish()
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Run the rest of epoch `epoch` (0-based); False when a stop request cut it short."""
+        self.batches.set_epoch(epoch, start_batch=self.batch)
+        self.model.train()
+        self.loss_fn.train()
+        show = self.is_main and sys.stderr.isatty()
+        from tqdm.auto import tqdm
+
+        with tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+                  unit="batch", disable=not show, leave=False) as bar:
+            tick = time.perf_counter()
+            for images, labels in self.loader:
+                out = self.training_step(images, labels, epoch, self.batch)
+                now = time.perf_counter()
+                loss = float(out.total.detach())
+                self.meter.update(len(labels), loss, float(out.metric), float(out.classification), now - tick)
+                tick = now
+                self.batch += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.meter.images_per_second:.0f}")
+                if self._stop_requested() and self.batch < self.steps_per_epoch:
+                    return False
+        return True
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch_index: int) -> Any:
+        """Forward, NaN check, backward, optimiser and scheduler step; returns the LossOutput."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.cfg.train.fp16):
+            embeddings = self.model(images)
+        out = self.loss_fn(embeddings, labels)
+        value = float(out.total.detach())
+        if not math.isfinite(value):
+            latest = self.latest_checkpoint()
+            raise NonFiniteLossError(
+                f"loss is {value} at epoch {epoch + 1}, batch index {batch_index}, global step {self.global_step} "
+                f"(weights of this step not updated); last good checkpoint: {latest or 'none yet'}. "
+                f"Lower optim.lr (now {self.cfg.optim.lr}) or check the data."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.total).backward()
+        self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed (loss scaling)
+        self.scaler.update()
+        self.step_lr = self.current_lr  # what this step used; the scheduler moves it on for the next
+        self.scheduler.step()
+        self.global_step += 1
+        return out
+
+    @property
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _stop_requested(self) -> bool:
+        if self._term_requested:
+            self.stop_reason = "sigterm"
+        elif self.clock() - self._clock_start >= self.max_seconds:
+            if self.stop_reason is None:
+                log.warning("time limit of %.0f s reached: checkpointing and stopping", self.max_seconds)
+            self.stop_reason = "time_limit"
+        return self.stop_reason is not None
+
+    @contextlib.contextmanager
+    def _sigterm_flag(self) -> Iterator[None]:
+        """While training, SIGTERM only sets a flag that the loop checks at step boundaries."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self._term_requested = True
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def latest_checkpoint(self) -> str | None:
+        return ckpt.latest_checkpoint(self.checkpoint_dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "global_step": self.global_step,
+            "model": self._unwrap(self.model).state_dict(),
+            "loss": self._unwrap(self.loss_fn).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {**ckpt.capture_rng_state(), "loader": self.loader.generator.get_state()},
+            "meter": self.meter.state_dict(),
+            "history": [h.model_dump() for h in self.history],
+            "wall_seconds": self.wall_seconds,
+            "config_hash": self.cfg.config_hash(),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def save_checkpoint(self) -> str:
+        """Write the full training state; mid-epoch checkpoints older than this one are removed."""
+        url = storage.join(self.checkpoint_dir, ckpt.checkpoint_name(self.epoch, self.batch))
+        if self.is_main:
+            ckpt.save_checkpoint(url, self.state_dict())
+            here = (self.epoch, self.batch)
+            for key, old in ckpt.list_checkpoints(self.checkpoint_dir):
+                if key[1] > 0 and key < here:
+                    storage.delete(old)
+            log.info("checkpoint %s (global step %d)", url, self.global_step)
+        return url
+
+    def load_checkpoint(self, url: str) -> None:
+        """Restore everything a checkpoint holds; refuse one written under another config."""
+        state = ckpt.load_checkpoint(url)
+        # output_dir is left out so a run folder can be moved (e.g. downloaded from OSS) and resumed.
+        changed = [c for c in config_diff(state["config"], self.cfg.model_dump(mode="json")) if not c.startswith("output_dir:")]
+        if changed:
+            raise ResumeConfigError(
+                f"cannot resume from {url}: it was written with config {state['config_hash']}, this run's is "
+                f"{self.cfg.config_hash()}. A run's parameters cannot change; changed fields:\n  "
+                + "\n  ".join(changed)
+                + "\nUse a new output_dir, or resume=false to start over in this one."
+            )
+        if state["config"].get("output_dir") != self.cfg.output_dir:
+            log.info("resuming a run folder moved from %s", state["config"].get("output_dir"))
+        self._unwrap(self.model).load_state_dict(state["model"], strict=True)
+        self._unwrap(self.loss_fn).load_state_dict(state["loss"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng_state(state["rng"])
+        self.loader.generator.set_state(state["rng"]["loader"])
+        self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
+        self.meter.load_state_dict(state["meter"])
+        self.history = [EpochStats.model_validate(h) for h in state["history"]]
+        self.prior_wall_seconds = float(state["wall_seconds"])
+
+    def _start_or_resume(self) -> None:
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return
+        if self.resume:
+            self.load_checkpoint(latest)
+            log.info("resumed from %s: epoch %d, batch %d, global step %d", latest, self.epoch, self.batch, self.global_step)
+        elif self.is_main:
+            old = ckpt.list_checkpoints(self.checkpoint_dir)
+            log.warning("resume=false: removing %d checkpoints of an earlier run in %s", len(old), self.checkpoint_dir)
+            for _, url in old:
+                storage.delete(url)
+
+    # --- outputs --------------------------------------------------------------------------------
+
+    @property
+    def wall_seconds(self) -> float:
+        """Training wall time over all invocations (time after the last checkpoint of a killed run is lost)."""
+        return self.prior_wall_seconds + (time.monotonic() - self._wall_start)
+
+    def usage(self) -> dict[str, Any]:
+        """Billing-style usage: each process is an instance billed in whole minutes, rounded up."""
+        wall = self.wall_seconds
+        cuda = self.device.type == "cuda"
+        return {
+            "instance_minutes": math.ceil(wall / 60.0) * self.world_size,
+            "wall_seconds": round(wall, 3),
+            "processes": self.world_size,
+            "nnodes": self.cfg.compute.nnodes,
+            "nproc_per_node": self.cfg.compute.nproc_per_node,
+            "device": self.device.type,
+            "gpu_type": torch.cuda.get_device_name(self.device) if cuda else self.cfg.compute.gpu_type,
+            "gpu_count": self.world_size if cuda else 0,
+            "instance_type": self.cfg.compute.instance_type,
+        }
+
+    def _finish(self) -> TrainOutput:
+        from trainer.model import save_embedding_model
+
+        usage = self.usage()
+        if self.is_main:
+            save_embedding_model(self._unwrap(self.model), self.cfg, self.output_dir, self.classes)
+            write_history(self.output_dir, self.history)
+            plot_training_curve(self.history, storage.join(self.output_dir, CURVE))
+            storage.write_text(storage.join(self.output_dir, USAGE_FILE), json.dumps(usage, indent=2) + "\n")
+        final_loss = self.history[-1].loss if self.history else self.meter.mean_loss
+        return TrainOutput(
+            model_dir=self.output_dir,
+            config_hash=self.cfg.config_hash(),
+            epochs_completed=self.epoch,
+            stopped_early=self.epoch < self.cfg.train.epochs,
+            final_loss=final_loss,
+            history=[h.model_dump() for h in self.history],
+            instance_minutes=float(usage["instance_minutes"]),
+        )
