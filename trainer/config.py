@@ -142,10 +142,11 @@ class DataConfig(_Section):
     data_format: DataFormat = Field(DataFormat.IMAGE_LIST, description="ClsSourceImageList or ClsSourceItag")
     delimiter: str = Field(" ", description="ImageList column delimiter")
     class_names: list[str] | None = Field(None, description="Class names in label order: a list, 'a,b,c', or a path to a file with one name a line")
+    val_class_names: list[str] | None = Field(None, description="Class names of the val split (open-set val classes differ from train's); same forms as class_names")
     image_size: int = Field(224, gt=0, description="Square input size in pixels")
     reader_threads: int = Field(4, ge=0, description="DataLoader worker processes")
 
-    @field_validator("class_names", mode="before")
+    @field_validator("class_names", "val_class_names", mode="before")
     @classmethod
     def _split_inline(cls, v: Any) -> Any:
         if isinstance(v, str):

@@ -60,7 +60,7 @@ def run_demo(output: Path, epochs: int, backbone: str, seed: int, console: Conso
     data = generate_glyphs(output / "data", image_size=IMAGE_SIZE, seed=seed)
     raw = demo_config(output, epochs, backbone, seed)
     raw["data"].update(train_annotations=data.train_annotations, val_annotations=data.val_annotations,
-                       class_names=data.train_classes)
+                       class_names=data.train_classes, val_class_names=data.val_classes)
     pc = PipelineConfig(
         workdir=str(output / "work"), run=validate_config(raw),
         publish=PublishSettings(destination=str(output / "published"), min_recall_at_1=0.0),

@@ -64,7 +64,7 @@ def run_pipeline(pc: PipelineConfig, announce: Announce = print) -> PipelineResu
         datasets[split] = steps.read_data(steps.ReadDataInput(
             output_dir=storage.join(work, "datasets", split), annotations=ann, data_format=data.data_format,
             data_root=data.data_root, delimiter=data.delimiter,
-            class_names=data.class_names if split == "train" else None, split=split,
+            class_names=data.class_names if split == "train" else data.val_class_names, split=split,
         ))
         announce(f"[2/5] validate {split}: {datasets[split].num_samples} images, {datasets[split].num_classes} classes")
         steps.validate(steps.ValidateInput(
