@@ -1,0 +1,3 @@
+from components.airflow.hooks.oss import ImltOssHook
+
+__all__ = ["ImltOssHook"]
