@@ -143,7 +143,7 @@ def imlt_retraining() -> None:
         """Skip publishing unless Recall@1 beats the floor and the published model."""
         import logging
 
-        from components.airflow.published import publish_decision
+        from trainer.publish import publish_decision
 
         go, reason = publish_decision(metrics, destination, floor)
         logging.getLogger(__name__).info(reason)

@@ -231,7 +231,7 @@ def test_retraining_dag_publishes_and_evaluation_dag_scores_it(airflow_env: dict
     assert xcoms["train"]["model_dir"].startswith(conf["output_root"] + "/manual__")
 
     # the gate of the next run compares with this published model (read through DEST/latest)
-    from components.airflow.published import publish_decision
+    from trainer.publish import publish_decision
 
     r = metrics["recall_at_1"]
     assert publish_decision({"recall_at_1": r}, str(dest), 0.0)[0] is False  # equal is not better
