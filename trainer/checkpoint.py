@@ -8,6 +8,11 @@ mid-epoch name before `epoch-0003.ckpt`.
 Files are written through trainer.storage (whole object or nothing, local or oss://) and read
 with `torch.load(weights_only=True)`: a checkpoint can never run code, so every value in it is a
 tensor, a number, a string or a list/dict/tuple of those (RNG states included).
+
+A model-parallel run writes a *sharded* checkpoint instead: a folder with the same name
+(`epoch-0003.ckpt/`) holding one file per rank for the class shards and their optimiser state,
+the replicated part once, and `sharded.json`, written last (trainer.distributed.save_sharded).
+A folder without `sharded.json` is an interrupted save and is not listed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 from trainer import storage
+from trainer.distributed import SHARD_META
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-batch-(\d{6,}))?\.ckpt$")
@@ -40,13 +46,32 @@ def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
 
 
 def list_checkpoints(checkpoint_dir: str) -> list[tuple[tuple[int, int], str]]:
-    """Every checkpoint below a folder as ((epoch, batch), url), oldest first."""
+    """Every complete checkpoint below a folder as ((epoch, batch), url), oldest first.
+
+    A sharded checkpoint is listed by its folder's URL, and only once its `sharded.json` exists.
+    """
     found = []
     for url in storage.list_files(checkpoint_dir):
-        key = parse_checkpoint_name(url.rstrip("/").rsplit("/", 1)[-1])
+        parent, _, name = url.rstrip("/").rpartition("/")
+        if name == SHARD_META:
+            url, name = parent, parent.rpartition("/")[2]
+        key = parse_checkpoint_name(name)
         if key is not None:
             found.append((key, url))
     return sorted(found)
+
+
+def is_sharded(url: str) -> bool:
+    """True for a sharded checkpoint folder (one with its `sharded.json`)."""
+    return storage.exists(storage.join(url, SHARD_META))
+
+
+def delete_checkpoint(url: str) -> None:
+    """Remove a checkpoint; a sharded one loses its `sharded.json` first, so a crash mid-delete
+    leaves an unlisted folder rather than a listed, incomplete checkpoint."""
+    if is_sharded(url):
+        storage.delete(storage.join(url, SHARD_META))
+    storage.delete(url)
 
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:

@@ -86,6 +86,7 @@ def validate(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML/JSON config (flags below override it)")] = None,
     train_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the train split")] = None,
     val_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the val split")] = None,
@@ -113,8 +114,15 @@ def train(
     model_type: Annotated[Optional[str], typer.Option(help="data-parallel or model-parallel")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the last checkpoint in the output dir")] = True,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any field as section.key=value (YAML value)")] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes (GPUs) on this node; > 1 starts torchrun (compute.nproc_per_node)")] = None,
+    nnodes: Annotated[Optional[int], typer.Option(help="Nodes; > 1 needs compute.mode=distributed and --master-addr (compute.nnodes)")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank, 0..nnodes-1 (multi-node launch)")] = None,
+    master_addr: Annotated[Optional[str], typer.Option(help="Address of node 0 (multi-node launch)")] = None,
+    master_port: Annotated[Optional[int], typer.Option(help="Rendezvous port on node 0 (multi-node launch; default 29500)")] = None,
 ) -> None:
-    """Train a metric model on a read-data dataset folder."""
+    """Train a metric model on a read-data dataset folder; several processes run through torchrun."""
+    from trainer import launch
+
     overrides = {
         "output_dir": output_dir, "model.backbone": backbone, "data.image_size": image_size,
         "model.feature_dim": feature_dim, "model.backbone_feature_dim": backbone_feature_dim,
@@ -124,10 +132,16 @@ def train(
         "train.checkpoint_every": checkpoint_every, "data.reader_threads": reader_threads, "train.fp16": fp16,
         "train.device": device, "train.seed": seed, "train.max_hours": max_hours, "compute.model_type": model_type,
         **_parse_sets(set_ or []),
+        "compute.nproc_per_node": nproc_per_node, "compute.nnodes": nnodes,
     }
     cfg = _call(load_config, str(config) if config else {}, overrides)
+    if launch.needs_launch(cfg):  # the same command again, in nnodes x nproc_per_node processes
+        code = _call(lambda: launch.launch_train(cfg, launch.cli_args(ctx), node_rank=node_rank,
+                                                 master_addr=master_addr, master_port=master_port))
+        raise typer.Exit(code)
     result = _call(steps.train, steps.TrainInput(config=cfg, train_dataset=train_dataset, val_dataset=val_dataset, resume=resume))
-    _emit(result)
+    if launch.is_main_process():
+        _emit(result)
 
 
 @app.command()

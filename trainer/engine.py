@@ -25,8 +25,32 @@ Stopping:
 - A NaN/inf loss raises `NonFiniteLossError` naming epoch, batch index and global step before
   any weight is touched; checkpoints already written stay as they were.
 
-Data-parallel hooks: `rank`/`world_size` attributes, `_wrap` (the one place modules get wrapped)
-and `is_main` guarding every write. Nothing here sets up a process group.
+Several processes (torchrun; `imlt train --nproc-per-node N` starts it, see trainer.launch):
+- `run_training` joins the job's process group (gloo on CPU, nccl on cuda:LOCAL_RANK) for the
+  run and leaves it after; nothing joins one at import. Rank and world size come from the
+  variables torchrun sets, so a bare `torchrun -m trainer.cli train ...` in a Kubeflow Trainer
+  pod works unchanged. `compute.nnodes x compute.nproc_per_node` must equal WORLD_SIZE (a
+  default 1 x 1 config takes torchrun's shape). compute.mode=distributed, or more than one
+  process asked for, without torchrun is refused rather than trained standalone.
+- train.batch_size is the global batch: each rank loads batch_size / world_size images. The
+  plain sampler is torch's DistributedSampler (rank r takes every W-th index of the epoch's
+  permutation, so one step's rank batches together are exactly the single-process batch), the
+  M-per-class one is trainer.data.sampler's. Augmentation seeds are keyed by a sample's position
+  in the epoch's global order, not by rank, so the images are the same whatever the world size.
+- data-parallel: DistributedDataParallel over one module holding the embedding model and the
+  loss (class centres), so both are averaged. model-parallel: the class centres are sharded by
+  class (trainer.distributed); only the embedding model is in DDP, and because the sharded loss
+  is replicated (every rank holds the whole global-batch loss) the backbone's true gradient is
+  the sum over ranks, so its DDP-averaged gradient is multiplied by the world size.
+- BatchNorm: converted to SyncBatchNorm on CUDA; on CPU (gloo, where SyncBatchNorm does not
+  run) batch statistics are per rank, the one place a multi-process run differs from one process.
+- Every rank logs the global-batch loss (all-reduced before backward, so all ranks agree on a
+  NaN and raise together) and all ranks agree on stopping (SIGTERM, time limit): a stop code is
+  all-reduced (MAX) at every step boundary, so no rank is left waiting in a collective.
+- Only rank 0 writes files and logs (checkpoints, history, model, curve, usage); ranks wait at a
+  barrier where they must not run ahead of those writes. A model-parallel checkpoint is sharded
+  (one file per rank for the class shards and the optimiser, the rest once) and resumes only on
+  the same world size.
 """
 
 from __future__ import annotations
@@ -53,9 +77,29 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from trainer import checkpoint as ckpt
 from trainer import storage
-from trainer.config import ConfigError, Device, OptimizerName, RunConfig, Scheduler, config_diff
+from trainer.config import (
+    ComputeMode,
+    ConfigError,
+    Device,
+    ModelType,
+    OptimizerName,
+    RunConfig,
+    Scheduler,
+    config_diff,
+)
 from trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes, read_manifest
+from trainer.distributed import (
+    DistEnv,
+    barrier,
+    destroy_process_group,
+    init_process_group,
+    load_sharded,
+    local_device,
+    save_sharded,
+)
 from trainer.history import CURVE, EpochMeter, EpochStats, plot_training_curve, write_history
+from trainer.launch import under_torchrun
+from trainer.losses.base import LossOutput
 from trainer.steps import TrainInput, TrainOutput
 
 log = logging.getLogger(__name__)
@@ -66,6 +110,10 @@ USAGE_FILE = "usage.json"
 # Multiplier milestones of the "step" schedule, as fractions of the post-warmup steps.
 STEP_MILESTONES = (0.5, 0.75)
 STEP_GAMMA = 0.1
+# Checkpoint keys that differ per rank in a model-parallel run (the class shard and its optimiser state).
+SHARDED_KEYS = ("loss", "optimizer")
+# Stop codes all-reduced with MAX, so a SIGTERM on any rank wins over a time limit.
+_NO_STOP, _TIME_LIMIT, _SIGTERM = 0, 1, 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,8 +149,79 @@ def run_training(
             "no train dataset: TrainInput.train_dataset is empty; run read_data on the train annotations"
             f"{hint} and pass its dataset_dir"
         )
-    trainer = Trainer(inp.config, inp.train_dataset, resume=inp.resume, clock=clock, max_seconds=max_seconds)
-    return trainer.fit()
+    cfg = resolve_compute(inp.config)
+    with distributed_session(cfg) as env:
+        trainer = Trainer(cfg, inp.train_dataset, resume=inp.resume, clock=clock, max_seconds=max_seconds, env=env)
+        return trainer.fit()
+
+
+def resolve_compute(cfg: RunConfig, environ: dict[str, str] | None = None) -> RunConfig:
+    """The config with compute.nnodes/nproc_per_node agreeing with the processes actually running.
+
+    Refuses, rather than quietly training in one process, a config that asks for several
+    processes (compute.mode=distributed, or nnodes x nproc_per_node > 1) in a process torchrun did
+    not start: a KFP/Airflow task or a plain `python` call. Under torchrun, a default 1 x 1 config
+    takes torchrun's shape (a bare `torchrun --nproc-per-node 2 -m trainer.cli train ...`); any
+    other disagreement with WORLD_SIZE is an error, because the config names the run (its hash
+    guards resume) and its usage record.
+    """
+    env = os.environ if environ is None else environ
+    c = cfg.compute
+    if not under_torchrun(env):
+        if c.mode == ComputeMode.DISTRIBUTED:
+            raise ConfigError(
+                f"compute.mode=distributed (nnodes={c.nnodes}, nproc_per_node={c.nproc_per_node}) runs under torchrun on "
+                "every node, and this process was not started by torchrun (no RANK in its environment); it will not "
+                "train standalone. On Kubernetes submit it as a Kubeflow TrainJob: `imlt k8s-job CONFIG` prints the "
+                "manifest (the KFP and Airflow train steps submit it for you); by hand, run `imlt train --config CONFIG "
+                "--nnodes N --node-rank R --master-addr HOST` on each node"
+            )
+        if c.world_size > 1:
+            raise ConfigError(
+                f"compute.nproc_per_node={c.nproc_per_node} x compute.nnodes={c.nnodes} asks for {c.world_size} "
+                "processes, but this one was not started by torchrun; run `imlt train --nproc-per-node "
+                f"{c.nproc_per_node} ...` (it starts torchrun) or `torchrun --nproc-per-node {c.nproc_per_node} "
+                "-m trainer.cli train ...`, or set compute.nproc_per_node=1"
+            )
+        return cfg
+    world = int(env.get("WORLD_SIZE", "1"))
+    if c.world_size == world:
+        return cfg
+    if c.world_size == 1:
+        per_node = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+        nnodes = max(world // max(per_node, 1), 1)
+        mode = ComputeMode.DISTRIBUTED if nnodes > 1 else c.mode
+        if env.get("RANK") == "0":
+            log.info("compute: torchrun started %d x %d processes; recording that in the run's config", nnodes, per_node)
+        compute = c.model_copy(update={"nproc_per_node": per_node, "nnodes": nnodes, "mode": mode})
+        return cfg.model_copy(update={"compute": compute})
+    raise ConfigError(
+        f"compute.nnodes x compute.nproc_per_node = {c.nnodes} x {c.nproc_per_node} = {c.world_size}, but torchrun "
+        f"started WORLD_SIZE={world} processes; make the config and the launch agree "
+        "(`imlt train --nproc-per-node N --nnodes M` sets both)"
+    )
+
+
+@contextlib.contextmanager
+def distributed_session(cfg: RunConfig, environ: dict[str, str] | None = None) -> Iterator[DistEnv]:
+    """This process's place in the job, with the process group joined for the run (if several).
+
+    Leaves the group afterwards only if it joined it here, so a caller that set one up (a test
+    running several trainings in one launch) keeps it.
+    """
+    env = DistEnv.from_env(environ)
+    if not env.distributed:
+        yield env
+        return
+    import torch.distributed as dist
+
+    joined = not dist.is_initialized()
+    init_process_group(resolve_device(cfg.train.device), environ)
+    try:
+        yield env
+    finally:
+        if joined:
+            destroy_process_group()
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
@@ -219,12 +338,18 @@ def _worker_init(worker_id: int) -> None:
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
-    """Batches of (index, sample_seed) for one epoch, optionally starting at a batch index.
+    """This rank's batches of (index, sample_seed) for one epoch, optionally from a batch index on.
 
-    Without `inner`, the order is a permutation seeded by (seed, epoch); incomplete last batches
-    are dropped (BatchNorm and margin losses want full batches) unless the data is smaller than
-    one batch. With `inner` (the M-per-class batch sampler), its batches are used as they come
-    after `inner.set_epoch(epoch)`. Skipping to `start_batch` walks indices only, no images.
+    Without `inner`, indices come from torch's DistributedSampler (a permutation seeded by
+    (seed, epoch), rank r taking every world_size-th index) cut into batches of
+    batch_size / world_size; incomplete last batches are dropped (BatchNorm and margin losses want
+    full batches) unless the data is smaller than one batch. With `inner` (the M-per-class batch
+    sampler, already sharded by rank), its batches are used as they come after
+    `inner.set_epoch(epoch)`. Skipping to `start_batch` walks indices only, no images.
+
+    A sample's seed is keyed by its position in the epoch's global order (global batch, then
+    place in it), not by rank, so a data-parallel step sees the same augmented images as a single
+    process with the whole batch.
     """
 
     def __init__(
@@ -239,6 +364,8 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
     ) -> None:
         if num_samples == 0:
             raise ValueError("the train dataset has no samples")
+        if num_samples < world_size:
+            raise ValueError(f"the train dataset has {num_samples} samples, fewer than the {world_size} processes")
         self.num_samples = num_samples
         self.local_batch = max(batch_size // world_size, 1)
         self.seed = seed
@@ -261,17 +388,46 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
             self.inner.set_epoch(self.epoch)
             yield from self.inner
             return
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        order = torch.randperm(self.num_samples, generator=g).tolist()
-        per_rank = self.num_samples // self.world_size
-        mine = order[self.rank :: self.world_size][:per_rank]
+        from torch.utils.data.distributed import DistributedSampler
+
+        # DistributedSampler seeds its permutation with seed + epoch; handing it a mixed seed (and
+        # epoch 0) keeps nearby (seed, epoch) pairs apart and the single-process order as it was.
+        sampler = DistributedSampler(
+            range(self.num_samples), num_replicas=self.world_size, rank=self.rank,  # type: ignore[arg-type]
+            shuffle=True, seed=mix_seed(self.seed, self.epoch), drop_last=True,
+        )
+        mine = list(sampler)
         for b in range(len(self)):
             yield mine[b * self.local_batch : (b + 1) * self.local_batch]
+
+    def _place(self, j: int) -> int:
+        """Where this rank's j-th sample of a step stands among the step's global batch."""
+        if self.inner is not None:  # the M-per-class plan: one step is W consecutive plan batches
+            return self.rank * self.local_batch + j
+        return self.world_size * j + self.rank  # DistributedSampler's striding
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for b, batch in enumerate(self._index_batches()):
             if b >= self.start_batch:
-                yield [(int(i), mix_seed(self.seed, self.epoch, b, self.rank, j)) for j, i in enumerate(batch)]
+                # (step, 0, place): the 0 stands where the rank was once, so one process draws as before
+                yield [(int(i), mix_seed(self.seed, self.epoch, b, 0, self._place(j))) for j, i in enumerate(batch)]
+
+
+class _Objective(nn.Module):
+    """Embedding model and loss as one module: what DistributedDataParallel wraps (data-parallel)
+    so the class centres are averaged with the backbone. Returns plain tensors, not LossOutput,
+    because DDP walks a forward's output for tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, device_type: str, fp16: bool) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+        self.device_type, self.fp16 = device_type, fp16
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=self.device_type, dtype=torch.float16, enabled=self.fp16):
+            embeddings = self.model(images)
+        out = self.loss_fn(embeddings, labels)
+        return out.total, out.metric, out.classification
 
 
 # --- the trainer ----------------------------------------------------------------------------------
@@ -288,8 +444,10 @@ class Trainer:
         resume: bool = True,
         clock: Callable[[], float] | None = None,
         max_seconds: float | None = None,
+        env: DistEnv | None = None,
     ) -> None:
-        from trainer.losses import build_loss
+        """`env`: this process's rank and world size; with several, the process group must be joined
+        (run_training does both). Default: a single process."""
         from trainer.model import build_model
 
         if not storage.exists(storage.join(train_dataset, MANIFEST)):
@@ -309,9 +467,20 @@ class Trainer:
                 raise ConfigError(f"{MAX_SECONDS_ENV}={env_limit!r} is not a number of seconds") from None
         self.max_seconds = max_seconds if max_seconds is not None else self.cfg.train.max_hours * 3600.0
 
-        # Data-parallel hook: a launcher sets these (and wraps in `_wrap`); nothing else changes.
-        self.rank, self.world_size = 0, 1
-        self.device = resolve_device(self.cfg.train.device)
+        self.env = env or DistEnv()
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                raise RuntimeError(f"rank {self.rank} of {self.world_size}: join the process group first (run_training does)")
+        if self.cfg.train.batch_size % self.world_size:
+            raise ConfigError(
+                f"train.batch_size={self.cfg.train.batch_size} is the global batch and must divide evenly over the "
+                f"{self.world_size} processes; use a multiple of {self.world_size}"
+            )
+        self.model_parallel = self.cfg.compute.model_type == ModelType.MODEL_PARALLEL
+        self.device = local_device(self.env, resolve_device(self.cfg.train.device))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False  # autotuning picks kernels per run: not reproducible
             torch.backends.cudnn.deterministic = True
@@ -319,10 +488,13 @@ class Trainer:
         seed_everything(self.cfg.train.seed)
         records = read_manifest(train_dataset)
         _check_labels(records, len(self.classes), train_dataset)
-        self.model = build_model(self.cfg.model, self.cfg.data.image_size).to(self.device)
-        self.loss_fn = build_loss(self.cfg.loss, len(self.classes), self.cfg.model.feature_dim).to(self.device)
+        model = build_model(self.cfg.model, self.cfg.data.image_size)
+        if self.world_size > 1 and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
+        self.model = model.to(self.device)
+        self.loss_fn = self._build_loss().to(self.device)
         self.optimizer = self._build_optimizer()
-        self.model, self.loss_fn = self._wrap(self.model, self.loss_fn)
+        self.objective = self._wrap()
         self.loader, self.batches = self._build_loader(records)
         self.steps_per_epoch = len(self.batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -355,6 +527,18 @@ class Trainer:
 
     # --- construction ---------------------------------------------------------------------------
 
+    def _build_loss(self) -> nn.Module:
+        if self.model_parallel:
+            from trainer.distributed import build_model_parallel_loss
+
+            # Each rank initialises only its own rows, from a generator seeded by (seed, rank).
+            return build_model_parallel_loss(
+                self.cfg.loss, len(self.classes), self.cfg.model.feature_dim, self.env, seed=self.cfg.train.seed
+            )
+        from trainer.losses import build_loss
+
+        return build_loss(self.cfg.loss, len(self.classes), self.cfg.model.feature_dim)
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """Model and loss (class centres) together; no weight decay on biases and norm scales."""
         from timm.optim import param_groups_weight_decay
@@ -366,9 +550,22 @@ class Trainer:
             return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
         return torch.optim.AdamW(groups, lr=o.lr)
 
-    def _wrap(self, model: nn.Module, loss_fn: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """The one place modules get wrapped (DistributedDataParallel, compile); identity for now."""
-        return model, loss_fn
+    def _wrap(self) -> nn.Module:
+        """The one place modules get wrapped: the `objective(images, labels)` training_step calls.
+
+        Data-parallel: DDP over model and loss together. Model-parallel: DDP over the model only;
+        the class shards differ per rank and must stay out of DDP's averaging and broadcast.
+        `self.model` and `self.loss_fn` stay the bare modules (state dicts, saving).
+        """
+        fp16, kind = self.cfg.train.fp16, self.device.type
+        if self.world_size == 1:
+            return _Objective(self.model, self.loss_fn, kind, fp16)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if kind == "cuda" else None
+        if self.model_parallel:
+            return _Objective(DDP(self.model, device_ids=ids), self.loss_fn, kind, fp16)
+        return DDP(_Objective(self.model, self.loss_fn, kind, fp16), device_ids=ids)
 
     @staticmethod
     def _unwrap(module: nn.Module) -> nn.Module:
@@ -415,9 +612,10 @@ class Trainer:
         self._start_or_resume()  # before any write: a refused resume leaves the folder as it was
         if self.is_main:
             storage.write_text(storage.join(self.output_dir, CONFIG_FILE), json.dumps(self.cfg.dump(), indent=2) + "\n")
-        log.info(
-            "training %s on %s: %d images, %d classes, %d batches/epoch, epochs %d..%d of %d",
-            self.cfg.model.backbone, self.device, len(self.loader.dataset), len(self.classes),  # type: ignore[arg-type]
+        self._log(
+            "training %s on %s x %d (%s): %d images, %d classes, %d batches/epoch, epochs %d..%d of %d",
+            self.cfg.model.backbone, self.device, self.world_size, self.cfg.compute.model_type.value,
+            len(self.loader.dataset), len(self.classes),  # type: ignore[arg-type]
             self.steps_per_epoch, self.epoch + 1, epochs, epochs,
         )
         with self._sigterm_flag():
@@ -428,7 +626,7 @@ class Trainer:
                 stats = self.meter.stats(self.epoch + 1, self.step_lr)
                 self.history.append(stats)
                 self.epoch, self.batch, self.meter = self.epoch + 1, 0, EpochMeter()
-                log.info(
+                self._log(
                     "epoch %d/%d: loss %.4f (metric %.4f, classification %.4f), lr %.3g, %.1f s, %.0f images/s",
                     stats.epoch, epochs, stats.loss, stats.metric_loss, stats.classification_loss,
                     stats.lr, stats.seconds, stats.images_per_second,
@@ -447,8 +645,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> bool:
         """Run the rest of epoch `epoch` (0-based); False when a stop request cut it short."""
         self.batches.set_epoch(epoch, start_batch=self.batch)
-        self.model.train()
-        self.loss_fn.train()
+        self.set_train_mode()
         show = self.is_main and sys.stderr.isatty()
         from tqdm.auto import tqdm
 
@@ -459,7 +656,8 @@ class Trainer:
                 out = self.training_step(images, labels, epoch, self.batch)
                 now = time.perf_counter()
                 loss = float(out.total.detach())
-                self.meter.update(len(labels), loss, float(out.metric), float(out.classification), now - tick)
+                # global-batch numbers: every rank's batch is len(labels) images
+                self.meter.update(len(labels) * self.world_size, loss, float(out.metric), float(out.classification), now - tick)
                 tick = now
                 self.batch += 1
                 bar.update(1)
@@ -468,14 +666,23 @@ class Trainer:
                     return False
         return True
 
-    def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch_index: int) -> Any:
-        """Forward, NaN check, backward, optimiser and scheduler step; returns the LossOutput."""
+    def set_train_mode(self) -> None:
+        """Put the modules in training mode at the start of an epoch (a hook: e.g. frozen BatchNorm)."""
+        self.model.train()
+        self.loss_fn.train()
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch_index: int) -> LossOutput:
+        """Forward, NaN check, backward, optimiser and scheduler step.
+
+        Returns the global batch's losses, detached (the mean over ranks of their batch means;
+        model-parallel losses are global already): the same numbers on every rank.
+        """
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.cfg.train.fp16):
-            embeddings = self.model(images)
-        out = self.loss_fn(embeddings, labels)
-        value = float(out.total.detach())
+        total, metric, classification = self.objective(images, labels)
+        # Reduced before backward: a NaN on any rank stops every rank here, before DDP's gradient all-reduce.
+        values = self._mean_over_ranks(torch.stack([total.detach().float(), metric.float(), classification.float()]))
+        value = float(values[0])
         if not math.isfinite(value):
             latest = self.latest_checkpoint()
             raise NonFiniteLossError(
@@ -484,24 +691,62 @@ class Trainer:
                 f"Lower optim.lr (now {self.cfg.optim.lr}) or check the data."
             )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out.total).backward()
+        self.scaler.scale(total).backward()
+        if self.model_parallel and self.world_size > 1:
+            self._sum_backbone_gradients()
         self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed (loss scaling)
         self.scaler.update()
         self.step_lr = self.current_lr  # what this step used; the scheduler moves it on for the next
         self.scheduler.step()
         self.global_step += 1
-        return out
+        return LossOutput(total=values[0], metric=values[1], classification=values[2])
+
+    def _sum_backbone_gradients(self) -> None:
+        """Model-parallel: DDP averaged the backbone's per-rank gradients; the loss is replicated, so
+        the true gradient is their sum (trainer.distributed's gradient convention)."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(self.world_size)
+
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        values = values.to(self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values / self.world_size
+
+    def _max_over_ranks(self, code: int) -> int:
+        if self.world_size == 1:
+            return code
+        import torch.distributed as dist
+
+        t = torch.tensor([code], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
+        if self.is_main:
+            log.log(level, msg, *args)
 
     @property
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def _stop_requested(self) -> bool:
+        """Whether to stop at this step boundary; every rank gets the same answer (one all-reduce)."""
+        code = _NO_STOP
         if self._term_requested:
-            self.stop_reason = "sigterm"
+            code = _SIGTERM
         elif self.clock() - self._clock_start >= self.max_seconds:
+            code = _TIME_LIMIT
+        code = self._max_over_ranks(code)
+        if code == _SIGTERM:
+            self.stop_reason = "sigterm"
+        elif code == _TIME_LIMIT:
             if self.stop_reason is None:
-                log.warning("time limit of %.0f s reached: checkpointing and stopping", self.max_seconds)
+                self._log("time limit of %.0f s reached: checkpointing and stopping", self.max_seconds, level=logging.WARNING)
             self.stop_reason = "time_limit"
         return self.stop_reason is not None
 
@@ -546,20 +791,36 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> str:
-        """Write the full training state; mid-epoch checkpoints older than this one are removed."""
+        """Write the full training state; mid-epoch checkpoints older than this one are removed.
+
+        Every rank calls this. Data-parallel: rank 0 writes one file. Model-parallel: a sharded
+        folder, every rank writing its class shard. All ranks leave together, after the write,
+        so none exits (SIGTERM path) while rank 0 is still writing.
+        """
         url = storage.join(self.checkpoint_dir, ckpt.checkpoint_name(self.epoch, self.batch))
-        if self.is_main:
+        if self.model_parallel:
+            if self.is_main and ckpt.is_sharded(url):
+                storage.delete(storage.join(url, ckpt.SHARD_META))  # overwriting: unlisted until complete again
+            barrier()
+            save_sharded(self.state_dict(), url, self.env, sharded_keys=SHARDED_KEYS)
+        elif self.is_main:
             ckpt.save_checkpoint(url, self.state_dict())
+        if self.is_main:
             here = (self.epoch, self.batch)
             for key, old in ckpt.list_checkpoints(self.checkpoint_dir):
                 if key[1] > 0 and key < here:
-                    storage.delete(old)
+                    ckpt.delete_checkpoint(old)
             log.info("checkpoint %s (global step %d)", url, self.global_step)
+        barrier()
         return url
 
     def load_checkpoint(self, url: str) -> None:
-        """Restore everything a checkpoint holds; refuse one written under another config."""
-        state = ckpt.load_checkpoint(url)
+        """Restore everything a checkpoint holds; refuse one written under another config.
+
+        A sharded checkpoint is checked for its world size first: its class shards fit only the
+        number of workers that wrote it, and that message says exactly what to do.
+        """
+        state = load_sharded(url, self.env) if ckpt.is_sharded(url) else ckpt.load_checkpoint(url)
         # output_dir is left out so a run folder can be moved (e.g. downloaded from OSS) and resumed.
         changed = [c for c in config_diff(state["config"], self.cfg.model_dump(mode="json")) if not c.startswith("output_dir:")]
         if changed:
@@ -570,7 +831,7 @@ class Trainer:
                 + "\nUse a new output_dir, or resume=false to start over in this one."
             )
         if state["config"].get("output_dir") != self.cfg.output_dir:
-            log.info("resuming a run folder moved from %s", state["config"].get("output_dir"))
+            self._log("resuming a run folder moved from %s", state["config"].get("output_dir"))
         self._unwrap(self.model).load_state_dict(state["model"], strict=True)
         self._unwrap(self.loss_fn).load_state_dict(state["loss"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -585,16 +846,15 @@ class Trainer:
 
     def _start_or_resume(self) -> None:
         latest = self.latest_checkpoint()
-        if latest is None:
-            return
-        if self.resume:
+        if latest is not None and self.resume:
             self.load_checkpoint(latest)
-            log.info("resumed from %s: epoch %d, batch %d, global step %d", latest, self.epoch, self.batch, self.global_step)
-        elif self.is_main:
+            self._log("resumed from %s: epoch %d, batch %d, global step %d", latest, self.epoch, self.batch, self.global_step)
+        elif latest is not None and self.is_main:
             old = ckpt.list_checkpoints(self.checkpoint_dir)
             log.warning("resume=false: removing %d checkpoints of an earlier run in %s", len(old), self.checkpoint_dir)
             for _, url in old:
-                storage.delete(url)
+                ckpt.delete_checkpoint(url)
+        barrier()  # no rank writes a checkpoint before rank 0 has removed the old ones
 
     # --- outputs --------------------------------------------------------------------------------
 
@@ -628,6 +888,7 @@ class Trainer:
             write_history(self.output_dir, self.history)
             plot_training_curve(self.history, storage.join(self.output_dir, CURVE))
             storage.write_text(storage.join(self.output_dir, USAGE_FILE), json.dumps(usage, indent=2) + "\n")
+        barrier()  # the model folder is complete when any rank returns
         final_loss = self.history[-1].loss if self.history else self.meter.mean_loss
         return TrainOutput(
             model_dir=self.output_dir,
