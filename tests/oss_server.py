@@ -76,6 +76,7 @@ class Fault:
     op: str | None
     status: int = 500
     code: str = "InternalError"
+    key: str | None = None  # only requests for this object key (None: any key)
 
 
 @dataclass(frozen=True)
@@ -190,24 +191,26 @@ class OssTestServer:
         with self._lock:
             return sum(1 for c in self.calls if c.op == op)
 
-    def fail_next(self, n: int, op: str | None = None, status: int = 500, code: str = "InternalError") -> None:
-        """Answer the next n requests of operation `op` (None: any) with an error status."""
+    def fail_next(
+        self, n: int, op: str | None = None, status: int = 500, code: str = "InternalError", key: str | None = None
+    ) -> None:
+        """Answer the next n requests of operation `op` (None: any) on `key` (None: any) with an error status."""
         with self._lock:
-            self._faults.append(Fault("fail", n, op, status, code))
+            self._faults.append(Fault("fail", n, op, status, code, key))
 
-    def reset_next(self, n: int, op: str | None = "GetObject") -> None:
-        """Cut the connection mid-response (after half the body) for the next n `op` requests."""
+    def reset_next(self, n: int, op: str | None = "GetObject", key: str | None = None) -> None:
+        """Cut the connection mid-response (after half the body) for the next n `op` requests (on `key`)."""
         with self._lock:
-            self._faults.append(Fault("reset", n, op))
+            self._faults.append(Fault("reset", n, op, key=key))
 
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
 
-    def _take_fault(self, op: str) -> Fault | None:
+    def _take_fault(self, op: str, key: str = "") -> Fault | None:
         with self._lock:
             for f in self._faults:
-                if f.remaining > 0 and (f.op is None or f.op == op):
+                if f.remaining > 0 and (f.op is None or f.op == op) and (f.key is None or f.key == key):
                     f.remaining -= 1
                     return f
             return None
@@ -303,7 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.oss.calls.append(Call(op, bucket, key))
         self.method, self.bucket, self.key, self.query = method, bucket, key, query
 
-        fault = self.oss._take_fault(op)
+        fault = self.oss._take_fault(op, key)
         if fault is not None and fault.kind == "fail":
             self._error(OssError(fault.status, fault.code, "Injected failure."))
             return

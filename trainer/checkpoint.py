@@ -89,11 +89,12 @@ def save_checkpoint(url: str, state: dict[str, Any]) -> None:
 
 def load_checkpoint(url: str) -> dict[str, Any]:
     """Read a checkpoint onto the CPU; weights_only refuses anything but tensors and plain data."""
-    data = storage.read_bytes(url)
+    from trainer.model import read_state_dict  # the one weights-only loader, with short refusals
+
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise RuntimeError(f"{url}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        state = read_state_dict(url)
+    except ValueError as e:  # a truncated, foreign or pickle-bearing file: say which one, briefly
+        raise RuntimeError(f"{url}: not a readable checkpoint ({str(e).removeprefix(url + ': ')})") from None
     if not isinstance(state, dict) or "epoch" not in state:
         raise RuntimeError(f"{url}: not a training checkpoint (no 'epoch' key)")
     return state

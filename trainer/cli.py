@@ -31,6 +31,20 @@ out = Console()
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
 
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False) -> None:
+    """Log to stderr through rich (INFO by default): resume notices, time limits, retries."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    if not verbose:  # client libraries log every request at INFO
+        for noisy in ("oss2", "urllib3", "fsspec"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
@@ -66,6 +80,7 @@ def read_data(
     delimiter: Annotated[str, typer.Option(help="ImageList column delimiter")] = " ",
     class_names: Annotated[Optional[str], typer.Option(help="Class names 'a,b,c' or a class-list file")] = None,
     cache_images: Annotated[bool, typer.Option(help="Copy images into OUTPUT_DIR/images")] = False,
+    multi_label: Annotated[bool, typer.Option(help="Accept iTAG multi-choice answers (several labels per image)")] = False,
     split: Annotated[str, typer.Option(help="Split name recorded in the summary")] = "train",
 ) -> None:
     """Parse an annotation file (ClsSourceImageList or ClsSourceItag) into a dataset folder."""
@@ -87,7 +102,8 @@ def validate(
 @app.command()
 def train(
     ctx: typer.Context,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML/JSON config (flags below override it)")] = None,
+    # a str, not a Path: Path("oss://b/k") collapses to "oss:/b/k"
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML/JSON config, local or oss:// (flags below override it)")] = None,
     train_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the train split")] = None,
     val_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the val split")] = None,
     output_dir: Annotated[Optional[str], typer.Option(help="Model folder (local or oss://): checkpoints, weights, history")] = None,
@@ -131,8 +147,8 @@ def train(
         "optim.lr": lr, "train.batch_size": batch_size, "train.epochs": epochs,
         "train.checkpoint_every": checkpoint_every, "data.reader_threads": reader_threads, "train.fp16": fp16,
         "train.device": device, "train.seed": seed, "train.max_hours": max_hours, "compute.model_type": model_type,
-        **_parse_sets(set_ or []),
         "compute.nproc_per_node": nproc_per_node, "compute.nnodes": nnodes,
+        **_parse_sets(set_ or []),
     }
     cfg = _call(load_config, str(config) if config else {}, overrides)
     if launch.needs_launch(cfg):  # the same command again, in nnodes x nproc_per_node processes

@@ -666,7 +666,12 @@ def read_text(url: str) -> str:
 def write_bytes(url: str, data: bytes) -> None:
     """Write atomically: readers see the old object or the whole new one, never a part."""
     if is_local(url):
-        _local_write(_local(url), data)
+        try:
+            _local_write(_local(url), data)
+        except OSError as e:  # disk full (ENOSPC), file-size limit (EFBIG), read-only, permissions
+            raise StorageError(
+                f"{url}: cannot write: {e.strerror or type(e).__name__}; any earlier version of the file is unchanged"
+            ) from e
     elif _is_oss(url):
         _oss_write(url, bytes(data))
     else:
