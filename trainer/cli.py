@@ -200,7 +200,7 @@ def run(config: Annotated[str, typer.Argument(help="Run file: training config se
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option(help="Folder for the generated data, the model and the published versions")] = Path("demo-output"),
-    epochs: Annotated[int, typer.Option(help="Training epochs")] = 15,
+    epochs: Annotated[int, typer.Option(help="Training epochs")] = 10,
     backbone: Annotated[str, typer.Option(help="Backbone")] = "resnet18",
     seed: Annotated[int, typer.Option(help="Seed for data and training")] = 0,
 ) -> None:

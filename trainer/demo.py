@@ -7,6 +7,7 @@ every image to nearly one embedding and would only measure tie-breaking).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -28,8 +29,11 @@ def demo_config(root: Path, epochs: int, backbone: str, seed: int) -> dict:
         "output_dir": str(root / "model"),
         "data": {"image_size": IMAGE_SIZE, "reader_threads": 0},
         "model": {"backbone": backbone, "feature_dim": 128},
-        "loss": {"name": "ArcFace"},
-        "optim": {"optimizer": "SGD", "lr": 0.1, "scheduler": "cosine"},
+        # AMSoftmax (the reference component's default loss) with AdamW: on this from-scratch task
+        # SGD at lr 0.1 and ArcFace's 28.6-degree margin barely moved in 8 epochs (R@1 0.27-0.32),
+        # AdamW + AMSoftmax reached 0.55 in 6 (measured on the demo data, seed 0).
+        "loss": {"name": "AMSoftmax"},
+        "optim": {"optimizer": "AdamW", "lr": 0.002, "weight_decay": 0.0001, "scheduler": "cosine"},
         "train": {"batch_size": 64, "epochs": epochs, "checkpoint_every": 5, "seed": seed},
     }
 
@@ -69,7 +73,7 @@ def run_demo(output: Path, epochs: int, backbone: str, seed: int, console: Conso
     assert result.val_dataset is not None and result.evaluation is not None
     console.print("[bold cyan]baselines on the same unseen classes[/]")
     rows = baselines(result.val_dataset.dataset_dir, pc.run.model, seed)
-    rows[f"trained {backbone} + ArcFace ({epochs} epochs)"] = result.evaluation.metrics
+    rows[f"trained {backbone} + {pc.run.loss.name.value} ({epochs} epochs)"] = result.evaluation.metrics
 
     table = Table(title=f"Open-set retrieval on {result.val_dataset.num_classes} unseen glyph classes "
                         f"({result.val_dataset.num_samples} images)")
@@ -79,6 +83,8 @@ def run_demo(output: Path, epochs: int, backbone: str, seed: int, console: Conso
     for name, metrics in rows.items():
         table.add_row(name, *(f"{metrics[k]:.3f}" for k in METRIC_KEYS))
     console.print(table)
+    storage.write_text(str(output / "demo_results.json"), json.dumps(
+        {"recall": rows, "published": result.published.model_dump(), "model_dir": result.trained.model_dir}, indent=2))
     pub = result.published
     console.print(f"Model published: [bold]{pub.version_dir}[/] (version {pub.version}); "
                   f"`latest` -> {storage.join(pc.publish.destination, 'latest')}")
