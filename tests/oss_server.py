@@ -259,6 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
     oss: OssTestServer
     protocol_version = "HTTP/1.1"
     timeout = 10  # idle keep-alive connections end after this
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms delayed-ACK stall
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet test output
         pass

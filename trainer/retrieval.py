@@ -17,17 +17,47 @@ Conventions (the same as PML's):
 
 Ties between equal similarities are broken by the lower sample index, so a result never
 depends on faiss's internal order or on the chunk size.
+
+Scale: exact search costs O(N^2 D); at a million 512-d embeddings that is over an hour on two
+cores. Two ways out, both opt-in: `queries` scores a sample of queries against the full
+gallery (an unbiased estimate of the same numbers), and `index="hnsw"` or `"ivf"` (or an
+`ApproximateIndex`) searches a faiss approximate index instead, whose agreement with exact
+search benchmarks/eval_recall.py reports. Approximate search has no tie rule: results can
+depend on faiss's order there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 
 class RetrievalError(ValueError):
     """Embeddings and labels that cannot give retrieval metrics (the message says why)."""
+
+
+@dataclass(frozen=True)
+class ApproximateIndex:
+    """A faiss approximate inner-product index for large evaluation sets.
+
+    hnsw: a graph (IndexHNSWFlat, M links per node); search widens ef_search to at least k + 1.
+    ivf: k-means cells (IndexIVFFlat); nlist defaults to about 4 sqrt(N) cells, of which nprobe
+    are scanned per query; trained on at most 256 points per cell.
+    """
+
+    kind: str
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    nlist: int | None = None
+    nprobe: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hnsw", "ivf"):
+            raise RetrievalError(f"unknown index kind {self.kind!r}; use 'exact', 'hnsw' or 'ivf'")
 
 
 def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
@@ -43,11 +73,18 @@ def retrieval_metrics(
     labels: np.ndarray,
     ks: Sequence[int] = (1, 2, 4, 8),
     chunk_size: int = 2048,
+    *,
+    index: str | ApproximateIndex = "exact",
+    queries: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, float]:
     """Recall@K for each K, MAP@R, and the counts they are averaged over.
 
     Returns {"recall_at_<K>": ..., "map_at_r": ..., "num_queries": int, "num_classes": int};
     num_classes counts the classes that have queries (two or more samples).
+
+    index: "exact" (default), or "hnsw"/"ivf"/an ApproximateIndex for large sets.
+    queries: indices of the samples to use as queries (default: all); every sample stays in
+    the gallery. Samples without a same-class partner are left out as usual.
     """
     import faiss  # imported here: the metric module is also loaded by light-weight callers
 
@@ -55,7 +92,16 @@ def retrieval_metrics(
     n = len(x)
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     others = counts[inverse] - 1  # R of every sample
-    queries = np.flatnonzero(others > 0)
+    approx = _approximate(index)
+    if queries is None:
+        queries = np.flatnonzero(others > 0)
+    else:
+        queries = np.unique(np.asarray(queries, dtype=np.int64))
+        if len(queries) and (queries[0] < 0 or queries[-1] >= n):
+            raise RetrievalError(f"query indices must be in [0, {n}), got {queries[0]}..{queries[-1]}")
+        queries = queries[others[queries] > 0]
+        if len(queries) == 0 and (others > 0).any():
+            raise RetrievalError("none of the given query indices has another sample of its class in the gallery")
     if len(queries) == 0:
         raise RetrievalError(
             f"no class has two or more samples (of {n} samples, {len(counts)} classes); "
@@ -64,15 +110,22 @@ def retrieval_metrics(
     # the window must hold every same-class neighbour (MAP@R) and the largest K; +1 for self
     k = min(n - 1, max(max(ks), int(others.max())))
 
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
+    if approx is None:
+        search = faiss.IndexFlatIP(x.shape[1])
+        search.add(x)
+    else:
+        search = build_approximate_index(x, approx, k)
 
     hits_at = {kk: 0 for kk in ks}
     ap = np.empty(len(queries), dtype=np.float64)  # kept per query: sums then match across chunk sizes
     for start in range(0, len(queries), chunk_size):
         q = queries[start : start + chunk_size]
-        neighbours = _neighbours(index, x, q, k)
-        relevant = y[neighbours] == y[q][:, None]  # (chunk, k)
+        if approx is None:
+            neighbours = _neighbours(search, x, q, k)
+            relevant = y[neighbours] == y[q][:, None]  # (chunk, k)
+        else:
+            neighbours = _approximate_neighbours(search, x, q, k)
+            relevant = (neighbours >= 0) & (y[neighbours] == y[q][:, None])  # -1: fewer than k found
         for kk in ks:
             hits_at[kk] += int(relevant[:, :kk].any(axis=1).sum())
         ap[start : start + len(q)] = _average_precision_at_r(relevant, others[q])
@@ -81,6 +134,54 @@ def retrieval_metrics(
     out["map_at_r"] = float(ap.mean())
     out["num_queries"] = int(len(queries))
     out["num_classes"] = int((counts > 1).sum())
+    return out
+
+
+def _approximate(index: str | ApproximateIndex) -> ApproximateIndex | None:
+    if isinstance(index, ApproximateIndex):
+        return index
+    if index == "exact":
+        return None
+    return ApproximateIndex(kind=index)
+
+
+def build_approximate_index(x: np.ndarray, spec: ApproximateIndex, k: int = 0) -> object:
+    """A faiss inner-product index over the (unit) rows of x, built as `spec` says.
+
+    k: the number of neighbours that will be asked for; HNSW's ef_search is raised to k + 1.
+    """
+    import faiss
+
+    n, d = x.shape
+    if spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.ef_construction
+        index.hnsw.efSearch = max(spec.ef_search, k + 1)
+        index.add(x)
+        return index
+    nlist = spec.nlist or int(round(4 * np.sqrt(n)))
+    nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants >= 39 training points per cell
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(spec.seed)
+    train = x if n <= 256 * nlist else x[np.sort(rng.choice(n, 256 * nlist, replace=False))]
+    index.train(train)
+    index.add(x)
+    index.nprobe = min(spec.nprobe, nlist)
+    return index
+
+
+def _approximate_neighbours(index: object, x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """The k best other samples an approximate index returns (-1 where it found fewer)."""
+    n = len(x)
+    width = min(n, k + 1)
+    _, idx = index.search(x[q], width)
+    is_self = idx == q[:, None]
+    missing = ~is_self.any(axis=1)
+    is_self[missing, -1] = True  # self not returned: drop the last column instead
+    out = idx[~is_self].reshape(len(q), width - 1)
+    if out.shape[1] < k:  # n - 1 < k cannot happen (k <= n - 1), kept for safety
+        out = np.pad(out, ((0, 0), (0, k - out.shape[1])), constant_values=-1)
     return out
 
 
