@@ -12,11 +12,12 @@ from pathlib import Path
 from kfp import compiler
 
 from pipelines.evaluation import evaluation_pipeline
-from pipelines.training import training_pipeline, training_pipeline_gpu
+from pipelines.training import training_pipeline, training_pipeline_distributed, training_pipeline_gpu
 
 PIPELINES = {
     "training_pipeline.yaml": training_pipeline,
     "training_pipeline_gpu.yaml": training_pipeline_gpu,
+    "training_pipeline_distributed.yaml": training_pipeline_distributed,
     "evaluation_pipeline.yaml": evaluation_pipeline,
 }
 

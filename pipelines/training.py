@@ -1,19 +1,31 @@
 """End-to-end training pipeline: read -> validate -> train -> evaluate -> publish if Recall@1 passes.
 
-`build_training_pipeline(instance_type=...)` fixes what must be known at compile time (the
-train task's node type and GPUs); everything else is a run parameter shown in the UI.
+`build_training_pipeline(instance_type=..., on_kubernetes=...)` fixes what must be known at
+compile time (the train task's node type and GPUs, and whether training runs in the task's pod
+or as a Kubeflow TrainJob the task submits and waits for); everything else is a run parameter
+shown in the UI.
 """
 
 from typing import Optional
 
 from kfp import dsl
 
-from components.kfp import evaluate, publish, read_data, train, validate
+from components.kfp import evaluate, publish, read_data, train, train_on_kubernetes, validate
 from pipelines._platform import set_train_resources, use_oss_secret
 
 
-def build_training_pipeline(instance_type: Optional[str] = None, name: str = "imlt-training") -> dsl.graph_component.GraphComponent:
-    """The training pipeline with its train task sized for `instance_type` (None: a CPU pod)."""
+def build_training_pipeline(
+    instance_type: Optional[str] = None,
+    name: str = "imlt-training",
+    on_kubernetes: bool = False,
+    legacy_pytorchjob: bool = False,
+) -> dsl.graph_component.GraphComponent:
+    """The training pipeline with its train task sized for `instance_type` (None: a CPU pod).
+
+    `on_kubernetes`: the train task submits the training as a Kubeflow TrainJob (a PyTorchJob
+    with `legacy_pytorchjob`) of `nnodes` nodes, each sized like the task (its resources and
+    node selector pass through to the job), and waits for it; the defaults ask for two nodes.
+    """
     node_type = instance_type  # the pipeline's own `instance_type` parameter shadows this name below
 
     @dsl.pipeline(name=name)
@@ -46,8 +58,8 @@ def build_training_pipeline(instance_type: Optional[str] = None, name: str = "im
         seed: int = 0,
         max_hours: float = 24.0,
         model_type: str = "data-parallel",
-        compute_mode: str = "standalone",
-        nnodes: int = 1,
+        compute_mode: str = "distributed" if on_kubernetes else "standalone",
+        nnodes: int = 2 if on_kubernetes else 1,
         nproc_per_node: int = 1,
         instance_type: str = instance_type or "",
         gpu_type: str = "",
@@ -65,7 +77,7 @@ def build_training_pipeline(instance_type: Optional[str] = None, name: str = "im
             delimiter: Column delimiter of ClsSourceImageList lines.
             class_names: Train class names in label order, inline "a,b,c" or a class-list file URL.
             min_images_per_class: Validation fails for a class with fewer images.
-            train_output_dir: Fixed local or oss:// folder for checkpoints, so a retried task resumes; default is the model artifact. Leave it empty in recurring runs, or each would resume the previous one.
+            train_output_dir: Fixed local or oss:// folder for checkpoints, so a retried task resumes; default is the model artifact. Leave it empty in recurring runs, or each would resume the previous one. Training on Kubernetes (the distributed pipeline) needs it: an oss:// folder the job's pods write to, a new one per run.
             backbone: resnet_50, resnet18, resnet34, resnet101, swint_tiny/small/base, vit_tiny/small/base, xcit_tiny/small/base, or any timm name.
             image_size: Square input size in pixels.
             feature_dim: Embedding width.
@@ -84,7 +96,7 @@ def build_training_pipeline(instance_type: Optional[str] = None, name: str = "im
             seed: Random seed.
             max_hours: Time limit of training (at most 24 h); on reaching it the run checkpoints and stops.
             model_type: data-parallel or model-parallel (needs a ModelParallel* loss).
-            compute_mode: standalone (one pod) or distributed (several nodes).
+            compute_mode: standalone (one node) or distributed (several nodes; the distributed pipeline runs them as a Kubeflow TrainJob).
             nnodes: Number of nodes in distributed mode.
             nproc_per_node: Processes (GPUs) per node.
             instance_type: ECS instance type recorded with the run's usage (the train pod's size is fixed when the pipeline is compiled).
@@ -103,7 +115,7 @@ def build_training_pipeline(instance_type: Optional[str] = None, name: str = "im
             read.set_caching_options(False)
             check.set_display_name(f"validate {split}")
 
-        trained = train(
+        train_kwargs = dict(
             train_dataset=train_read.outputs["dataset"], val_dataset=val_read.outputs["dataset"],
             output_dir=train_output_dir, backbone=backbone, image_size=image_size, feature_dim=feature_dim,
             class_names=class_names, pretrained=pretrained, loss=loss, margin=margin, scale=scale,
@@ -111,7 +123,12 @@ def build_training_pipeline(instance_type: Optional[str] = None, name: str = "im
             checkpoint_every=checkpoint_every, reader_threads=reader_threads, fp16=fp16, seed=seed,
             max_hours=max_hours, model_type=model_type, compute_mode=compute_mode, nnodes=nnodes,
             nproc_per_node=nproc_per_node, instance_type=instance_type, gpu_type=gpu_type,
-        ).after(train_check, val_check)
+        )
+        if on_kubernetes:
+            trained = train_on_kubernetes(oss_secret=oss_secret_name, legacy_pytorchjob=legacy_pytorchjob, **train_kwargs)
+        else:
+            trained = train(**train_kwargs)
+        trained.after(train_check, val_check)
         set_train_resources(trained, node_type).set_display_name("train")
 
         scored = evaluate(model=trained.outputs["model"], dataset=val_read.outputs["dataset"],
@@ -132,3 +149,6 @@ def build_training_pipeline(instance_type: Optional[str] = None, name: str = "im
 training_pipeline = build_training_pipeline()
 # The reference product's default GPU machine: 8 vCPU, 60 GB, one P100.
 training_pipeline_gpu = build_training_pipeline(instance_type="ecs.gn5-c8g1.2xlarge", name="imlt-training-gpu")
+# The same nodes, two of them by default, as a Kubeflow TrainJob the train task submits.
+training_pipeline_distributed = build_training_pipeline(
+    instance_type="ecs.gn5-c8g1.2xlarge", name="imlt-training-distributed", on_kubernetes=True)

@@ -152,6 +152,11 @@ def active_deadline_seconds(cfg: RunConfig, grace_seconds: int = DEADLINE_GRACE_
     return int(math.ceil(cfg.train.max_hours * 3600)) + grace_seconds
 
 
+def _node_selector(gpu_label: str, gpu_type: str | None, extra: dict[str, str] | None) -> dict[str, str]:
+    """The GPU-type label plus any given labels (e.g. a KFP task's node selector passed through)."""
+    return {**({gpu_label: gpu_type} if gpu_type else {}), **(extra or {})}
+
+
 def _gpu_tolerations() -> list[dict[str, str]]:
     # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule; tolerating it is harmless elsewhere.
     return [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
@@ -198,6 +203,7 @@ def render_trainjob(
     name_prefix: str = "imlt",
     resources: dict[str, str | int] | None = None,
     gpu_label: str = DEFAULT_GPU_LABEL,
+    node_selector: dict[str, str] | None = None,
     extra_env: dict[str, str] | None = None,
     deadline_grace_seconds: int = DEADLINE_GRACE_SECONDS,
 ) -> dict[str, Any]:
@@ -225,10 +231,11 @@ def render_trainjob(
         "activeDeadlineSeconds": active_deadline_seconds(cfg, deadline_grace_seconds),
     }
     gpu_type = accelerator(cfg.compute)
-    if gpu_type or gpus:
+    selector = _node_selector(gpu_label, gpu_type, node_selector)
+    if selector or gpus:
         pod_spec: dict[str, Any] = {}
-        if gpu_type:
-            pod_spec["nodeSelector"] = {gpu_label: gpu_type}
+        if selector:
+            pod_spec["nodeSelector"] = selector
         if gpus:
             pod_spec["tolerations"] = _gpu_tolerations()
         spec["runtimePatches"] = [
@@ -326,6 +333,7 @@ def render_pytorchjob(
     name_prefix: str = "imlt",
     resources: dict[str, str | int] | None = None,
     gpu_label: str = DEFAULT_GPU_LABEL,
+    node_selector: dict[str, str] | None = None,
     extra_env: dict[str, str] | None = None,
     deadline_grace_seconds: int = DEADLINE_GRACE_SECONDS,
 ) -> dict[str, Any]:
@@ -343,9 +351,9 @@ def render_pytorchjob(
     if res:
         container["resources"] = res
     pod_spec: dict[str, Any] = {"containers": [container]}
-    gpu_type = accelerator(cfg.compute)
-    if gpu_type:
-        pod_spec["nodeSelector"] = {gpu_label: gpu_type}
+    selector = _node_selector(gpu_label, accelerator(cfg.compute), node_selector)
+    if selector:
+        pod_spec["nodeSelector"] = selector
     if gpus:
         pod_spec["tolerations"] = _gpu_tolerations()
 
@@ -536,29 +544,13 @@ class _LogTail:
             self.echo(line)
 
 
-def submit_and_wait(
-    manifest: dict[str, Any],
-    *,
-    api: CustomObjectsApi,
-    poll_seconds: float = 15.0,
-    timeout: float | None = None,
-    log: LogSource | None = None,
-    echo: Callable[[str], None] | None = None,
-    cancel: threading.Event | None = None,
-    replace_failed: bool = True,
-) -> dict[str, Any]:
-    """Create the job (or re-attach to the one a previous attempt created) and wait for its end.
+# Public name: callers that poll on their own (an Airflow trigger) tail the node-0 log the same way.
+LogTail = _LogTail
 
-    - Re-attach: a 409 on create means the job exists (same deterministic name); its spec hash
-      must match ours, else ManifestError. With `replace_failed`, an existing job that already
-      failed is deleted and created again (a retry should retry; the trainer resumes from its
-      last checkpoint); one that succeeded is returned as is.
-    - Success: a Complete (TrainJob) or Succeeded (PyTorchJob) condition; returns the job object.
-    - Failure: a Failed condition raises JobFailed with the job's reason and message.
-    - Cancel (KeyboardInterrupt, `cancel` set) and `timeout` delete the job, then raise.
-    - `log(job) -> str` returns the node-0 log so far (see `pod_log_source`); new lines go to `echo`.
-    """
-    echo = echo or logger.info
+
+def _job_handle(manifest: dict[str, Any], api: CustomObjectsApi, echo: Callable[[str], None], poll_seconds: float,
+                cancel: threading.Event | None) -> tuple[str, Callable[[], dict[str, Any]], Callable[[], None], Callable[[], None]]:
+    """(description, get, delete, wait_gone) for the job a manifest names."""
     group, version, plural = _api_of(manifest)
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"].get("namespace", "default")
@@ -587,30 +579,82 @@ def submit_and_wait(
             _pause(cancel, poll_seconds)
         raise RuntimeError(f"{what} is still being deleted after 5 minutes")
 
+    return what, get, delete, wait_gone
+
+
+def create_or_attach(
+    manifest: dict[str, Any],
+    *,
+    api: CustomObjectsApi,
+    echo: Callable[[str], None] | None = None,
+    replace_failed: bool = True,
+    poll_seconds: float = 15.0,
+    cancel: threading.Event | None = None,
+) -> str:
+    """Create the job, or re-attach to the one a previous attempt created; returns what happened.
+
+    'created', 'attached' or 'replaced'. A 409 on create means the job exists (same
+    deterministic name); its spec hash must match ours, else ManifestError. With
+    `replace_failed`, an existing job that already failed is deleted and created again (a retry
+    should retry; the trainer resumes from its last checkpoint); any other is re-attached to.
+    Waiting is separate (`submit_and_wait`, or a deferred poll of the job's state).
+    """
+    echo = echo or logger.info
+    group, version, plural = _api_of(manifest)
+    namespace = manifest["metadata"].get("namespace", "default")
+    args = (group, version, namespace, plural)
+    what, get, delete, wait_gone = _job_handle(manifest, api, echo, poll_seconds, cancel)
     try:
         # Strict: the API server rejects unknown fields instead of dropping them
         api.create_namespaced_custom_object(*args, manifest, field_validation="Strict")
         echo(f"created {what}")
+        return "created"
     except Exception as e:  # noqa: BLE001 - only a conflict is ours to handle
         if _http_status(e) != 409:
             raise
-        existing = get()
-        ours = manifest["metadata"].get("annotations", {}).get(ANNOTATION_MANIFEST_HASH)
-        theirs = ((existing.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_MANIFEST_HASH)
-        if ours != theirs:
-            raise ManifestError(
-                f"{what} already exists with a different spec ({ANNOTATION_MANIFEST_HASH} {theirs!r} != {ours!r}); "
-                "delete it or render with another name"
-            ) from None
-        state, message = job_state(existing)
-        if state == "failed" and replace_failed:
-            echo(f"{what} exists and failed earlier ({message}); replacing it")
-            delete()
-            wait_gone()
-            api.create_namespaced_custom_object(*args, manifest, field_validation="Strict")
-            echo(f"created {what}")
-        else:
-            echo(f"{what} already exists ({state}); re-attaching")
+    existing = get()
+    ours = manifest["metadata"].get("annotations", {}).get(ANNOTATION_MANIFEST_HASH)
+    theirs = ((existing.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_MANIFEST_HASH)
+    if ours != theirs:
+        raise ManifestError(
+            f"{what} already exists with a different spec ({ANNOTATION_MANIFEST_HASH} {theirs!r} != {ours!r}); "
+            "delete it or render with another name"
+        )
+    state, message = job_state(existing)
+    if state == "failed" and replace_failed:
+        echo(f"{what} exists and failed earlier ({message}); replacing it")
+        delete()
+        wait_gone()
+        api.create_namespaced_custom_object(*args, manifest, field_validation="Strict")
+        echo(f"created {what}")
+        return "replaced"
+    echo(f"{what} already exists ({state}); re-attaching")
+    return "attached"
+
+
+def submit_and_wait(
+    manifest: dict[str, Any],
+    *,
+    api: CustomObjectsApi,
+    poll_seconds: float = 15.0,
+    timeout: float | None = None,
+    log: LogSource | None = None,
+    echo: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
+    replace_failed: bool = True,
+) -> dict[str, Any]:
+    """Create the job (or re-attach to the one a previous attempt created) and wait for its end.
+
+    - Create or re-attach: see `create_or_attach` (a failed earlier job is replaced when
+      `replace_failed`; one that succeeded is returned as is).
+    - Success: a Complete (TrainJob) or Succeeded (PyTorchJob) condition; returns the job object.
+    - Failure: a Failed condition raises JobFailed with the job's reason and message.
+    - Cancel (KeyboardInterrupt, `cancel` set) and `timeout` delete the job, then raise.
+    - `log(job) -> str` returns the node-0 log so far (see `pod_log_source`); new lines go to `echo`.
+    """
+    echo = echo or logger.info
+    create_or_attach(manifest, api=api, echo=echo, replace_failed=replace_failed, poll_seconds=poll_seconds, cancel=cancel)
+    what, get, delete, _ = _job_handle(manifest, api, echo, poll_seconds, cancel)
 
     tail = _LogTail(log, echo)
     deadline = None if timeout is None else time.monotonic() + timeout

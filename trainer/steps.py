@@ -101,6 +101,38 @@ def train(inp: TrainInput) -> TrainOutput:
     return run_training(inp)
 
 
+class RemoteTrainInput(StepModel):
+    """Train as a Kubernetes job (Kubeflow TrainJob, or a legacy PyTorchJob) instead of in this process.
+
+    The pods read the resolved config from `config_url` and write the model to
+    config.output_dir, so both (and the datasets) must be URLs the pods can reach: oss:// in
+    practice. Fields after the first four only shape the job.
+    """
+
+    config: RunConfig
+    train_dataset: str = Field(..., description="dataset_dir of read_data for the train split (a URL the pods can read)")
+    val_dataset: str | None = Field(None, description="dataset_dir of read_data for the val split (optional)")
+    resume: bool = Field(True, description="Continue from the last checkpoint in output_dir if one exists")
+    image: str = Field("", description="Image every pod runs; empty: the project image of this package version (env IMLT_IMAGE overrides)")
+    namespace: str = Field("", description="Namespace of the job; empty: this pod's own namespace in a cluster, else 'default'")
+    oss_secret: str | None = Field("oss-credentials", description="Kubernetes Secret whose keys OSS_ACCESS_KEY_ID, OSS_ACCESS_KEY_SECRET, ... become the pods' env; None: no OSS credentials")
+    legacy_pytorchjob: bool = Field(False, description="Submit a Training Operator v1 PyTorchJob instead of a Kubeflow Trainer v2 TrainJob")
+    runtime: str = Field("torch-distributed", description="ClusterTrainingRuntime a TrainJob refers to")
+    resources: dict[str, str] | None = Field(None, description="Per-node resources, e.g. {'cpu': '8', 'memory': '60Gi', 'nvidia.com/gpu': '1'}; override the instance type's")
+    node_selector: dict[str, str] | None = Field(None, description="Node labels every pod must match, on top of the GPU-type label")
+    poll_seconds: float = Field(15.0, gt=0, description="Seconds between status polls")
+    timeout_seconds: float | None = Field(None, gt=0, description="Give up (and delete the job) after this long; None: wait for the job's own deadline")
+    config_url: str | None = Field(None, description="Where the resolved config is written for the pods; default {output_dir}/job-config.json")
+    name_prefix: str = Field("imlt", description="Prefix of the job's deterministic name")
+
+
+def train_remote(inp: RemoteTrainInput) -> TrainOutput:
+    """Train as a Kubernetes job and wait for it; the same TrainOutput as `train`."""
+    from trainer.remote_train import submit_training
+
+    return submit_training(inp)
+
+
 # --- 4. evaluate -----------------------------------------------------------------------------------
 
 

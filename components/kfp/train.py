@@ -88,40 +88,15 @@ def train(
         model: The trained model folder: final weights, checkpoints, resolved config and its hash, per-epoch history, training curve.
         training_curve: Loss (and validation Recall@1) per epoch.
     """
-    from components.kfp import _artifacts
-    from trainer import steps, storage
-    from trainer.config import load_config
+    params = dict(locals())  # the inputs above, for the shared config builder
+    from components.kfp import _training
+    from trainer import steps
 
-    # Unset is "" for strings and 0 for the two derived ints (kfp.local cannot run None-default
-    # pipeline inputs, nor None for an int input); `or None` lets the config derive the value.
-    config = load_config({}, {
-        "output_dir": output_dir or model.path,
-        "model.backbone": backbone, "data.image_size": image_size, "model.feature_dim": feature_dim,
-        "model.backbone_feature_dim": backbone_feature_dim or None, "model.num_classes": num_classes or None,
-        "data.class_names": class_names or None, "model.pretrained": pretrained or None,
-        "loss.name": loss, "loss.margin": margin, "loss.scale": scale, "loss.weight": loss_weight,
-        "optim.optimizer": optimizer, "optim.lr": lr,
-        "train.batch_size": batch_size, "train.epochs": epochs, "train.checkpoint_every": checkpoint_every,
-        "data.reader_threads": reader_threads, "train.fp16": fp16, "train.device": device, "train.seed": seed,
-        "train.max_hours": max_hours,
-        "compute.model_type": model_type, "compute.mode": compute_mode, "compute.nnodes": nnodes,
-        "compute.nproc_per_node": nproc_per_node, "compute.instance_type": instance_type or None,
-        "compute.gpu_type": gpu_type or None,
-    })
+    config = _training.run_config(params, output_dir or model.path)
     out = steps.train(steps.TrainInput(
         config=config,
         train_dataset=train_dataset.path,
         val_dataset=val_dataset.path if val_dataset is not None else None,
         resume=resume,
     ))
-    # A model trained into an external output_dir is copied into the artifact so that
-    # downstream tasks and the UI see it; training into the artifact needs no copy.
-    if out.model_dir.rstrip("/") != model.path.rstrip("/"):
-        storage.download_dir(out.model_dir, model.path)
-    model.metadata.update({
-        "backbone": config.model.backbone, "feature_dim": config.model.feature_dim, "loss": config.loss.name.value,
-        "image_size": config.data.image_size, "config_hash": out.config_hash, "epochs_completed": out.epochs_completed,
-        "stopped_early": out.stopped_early, "final_loss": out.final_loss, "instance_minutes": out.instance_minutes,
-    })
-    _artifacts.write_text(training_curve.path, _artifacts.html_page(
-        f"Training {config.model.backbone} + {config.loss.name.value}", _artifacts.png_urls(out.model_dir), out.history))
+    _training.fill_model_artifacts(out, config, model, training_curve)

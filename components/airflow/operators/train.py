@@ -1,7 +1,7 @@
 """Step 3 as an operator: train the metric model on the worker.
 
-(Running the training as a Kubeflow TrainJob instead, deferrably, is planned with the
-distributed issue; this operator trains in the worker process.)
+This operator trains in the worker process; KubernetesTrainMetricModelOperator
+(operators/train_k8s.py) runs the training as a Kubeflow TrainJob instead, deferring while it runs.
 """
 
 from __future__ import annotations
