@@ -33,16 +33,15 @@ EXIT_CONFIG, EXIT_FAILED = 2, 1
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging")] = False) -> None:
-    """Log to stderr through rich (INFO by default): resume notices, time limits, retries."""
+    """Log to stderr through rich: resume notices, time limits, retries."""
     import logging
 
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
-    if not verbose:  # client libraries log every request at INFO
-        for noisy in ("oss2", "urllib3", "fsspec"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    # our own progress at INFO; libraries (oss2 logs every request, the ONNX exporter every pass) at WARNING
+    logging.getLogger("trainer").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
