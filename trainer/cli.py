@@ -38,10 +38,14 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
 
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
-    # our own progress at INFO; libraries (oss2 logs every request, the ONNX exporter every pass) at WARNING
-    logging.getLogger("trainer").setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours = logging.getLogger("trainer")
+    if not any(isinstance(h, RichHandler) for h in ours.handlers):
+        ours.addHandler(RichHandler(console=console, show_path=False))
+    # our progress at INFO; libraries (oss2 logs every request, the ONNX exporter every pass) keep
+    # their own levels unless --verbose. Root handlers (pytest's, Airflow's) are left alone.
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, handlers=[RichHandler(console=console, show_path=False)])
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

@@ -43,10 +43,10 @@ class Ran:
     exception: BaseException | None = None
 
     def json(self) -> Any:
-        """The step's JSON result: the output ends with it, from a line holding only '{'."""
+        """The step's JSON result: the last object starting on a line holding only '{' (log lines may follow)."""
         lines = self.output.splitlines()
         start = max(i for i, line in enumerate(lines) if line == "{")
-        return json.loads("\n".join(lines[start:]))
+        return json.JSONDecoder().raw_decode("\n".join(lines[start:]))[0]
 
 
 def imlt(*args: str) -> Ran:
