@@ -9,6 +9,7 @@ import pytest
 from kfp import dsl, local
 
 import components.kfp as kfp_components
+from components.kfp._training import CONFIG_FIELDS
 from tests.kfp_data import CLASSES, write_split
 from trainer.config import RunConfig
 
@@ -50,25 +51,13 @@ def _config_default(dotted: str) -> Any:
     return getattr(value, "value", value)  # enums show their spelling in the UI
 
 
-# train component input -> RunConfig field it sets
-TRAIN_FIELDS = {
-    "backbone": "model.backbone", "image_size": "data.image_size", "feature_dim": "model.feature_dim",
-    "backbone_feature_dim": "model.backbone_feature_dim", "num_classes": "model.num_classes",
-    "class_names": "data.class_names", "pretrained": "model.pretrained", "loss": "loss.name",
-    "margin": "loss.margin", "scale": "loss.scale", "loss_weight": "loss.weight", "optimizer": "optim.optimizer",
-    "lr": "optim.lr", "batch_size": "train.batch_size", "epochs": "train.epochs",
-    "checkpoint_every": "train.checkpoint_every", "reader_threads": "data.reader_threads", "fp16": "train.fp16",
-    "device": "train.device", "seed": "train.seed", "max_hours": "train.max_hours",
-    "model_type": "compute.model_type", "compute_mode": "compute.mode", "nnodes": "compute.nnodes",
-    "nproc_per_node": "compute.nproc_per_node", "instance_type": "compute.instance_type",
-    "gpu_type": "compute.gpu_type",
-}
 
 
-@pytest.mark.parametrize("name,dotted", sorted(TRAIN_FIELDS.items()))
-def test_train_defaults_are_the_run_config_defaults(name: str, dotted: str) -> None:
+@pytest.mark.parametrize("component", ["train", "train_on_kubernetes"])
+@pytest.mark.parametrize("name,dotted", sorted(CONFIG_FIELDS.items()))
+def test_train_defaults_are_the_run_config_defaults(component: str, name: str, dotted: str) -> None:
     """The UI shows the component's defaults; they must be what a config file would get."""
-    inp = kfp_components.train.component_spec.inputs[name]
+    inp = getattr(kfp_components, component).component_spec.inputs[name]
     expected = _config_default(dotted)
     if expected is None:  # derived at run time: unset is 0 for ints (kfp.local cannot pass None as an int)
         assert inp.optional and inp.default == (0 if inp.type == "Integer" else None), f"{name}: {inp.default!r}"
