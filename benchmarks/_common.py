@@ -198,6 +198,17 @@ def machine_markdown(info: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in info.items())
 
 
+def report(args: argparse.Namespace, module: str, name: str, title: str, headlines: Sequence[str], body: str, *,
+           info: dict[str, Any], started: float) -> None:
+    """Print the headlines; unless --quick or --no-write, rewrite the section with them above the body."""
+    for h in headlines:
+        console.print(h)
+    if args.quick or args.no_write:
+        return
+    text = "Headline:\n\n" + "\n".join(f"- {h}" for h in headlines) + "\n\n" + body
+    write_section(name, title, text, command=command_line(module), info=info, seconds=time.monotonic() - started)
+
+
 def write_section(name: str, title: str, body: str, *, command: str, info: dict[str, Any], seconds: float) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md."""
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

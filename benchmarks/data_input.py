@@ -191,19 +191,14 @@ def main() -> None:
         f"baseline; from oss:// {C.ratio(speeds[(names[2], w)], speeds[(baseline, w)])} without the cache and "
         f"{C.ratio(speeds[(names[3], w)], speeds[(baseline, w)])} with it (as the trainer reads remote data)."
     )
-    C.console.print(headline)
-    if args.quick or args.no_write:
-        return
     body = (
-        f"Headline: {headline}\n\n"
         f"Data: {args.images} JPEGs of {args.source_size[0]}x{args.source_size[1]} (mean {mean_kib:.0f} KiB, quality 90), "
         f"{args.classes} classes; train transform at {args.image_size} px; batch {args.batch_size}; best images/s of {args.repeats} "
         "epochs after a warm-up epoch. oss:// is the in-repo OSS test server in another process on this machine (no network latency; "
         "its CPU use competes with the readers).\n\n"
         + C.markdown_table(columns, rows)
     )
-    C.write_section("data", "Data input: decode + augment", body, command=C.command_line(MODULE), info=info,
-                    seconds=time.monotonic() - started)
+    C.report(args, MODULE, "data", "Data input: decode + augment", [headline], body, info=info, started=started)
 
 
 if __name__ == "__main__":

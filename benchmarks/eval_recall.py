@@ -177,6 +177,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=2048, help="Queries per chunk (ours, torch, batched PML)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64], help="IVF cells scanned per query")
     p.add_argument("--ef-search", type=int, default=128, help="HNSW search width")
+    p.add_argument("--hnsw-max", type=int, default=20_000,
+                   help="Largest N given an HNSW index (its build already costs 10x exact search at 10k on 2 cores)")
     p.add_argument("--million", action="store_true", help="Also 1M embeddings: exact on sampled queries vs IVF")
     p.add_argument("--million-classes", type=int, default=10_000, help="Classes at 1M (100 images each by default)")
     p.add_argument("--million-queries", type=int, default=1000, help="Sampled queries at 1M")
@@ -223,7 +225,7 @@ def main() -> None:
                 f"{C.ratio(results['torch']['peak_bytes'], ours['peak_bytes'])} memory. Largest metric difference to ours: "
                 f"{max(max(abs(results[m]['metrics'][k] - ours['metrics'][k]) for k in METRICS) for m in methods):.1e}."
             )
-            for spec in _index_specs(args):
+            for spec in _index_specs(args, n):
                 C.console.print(f"[cyan]{n} x {args.dim}: {spec['kind']}[/]")
                 r = C.run_child(MODULE, {**base, "method": "ours", "index": spec})
                 approx_rows.append(_approx_row(f"{n:,}", spec, r, ours))
@@ -236,12 +238,7 @@ def main() -> None:
     C.print_table("Recall@K + MAP@R, exact", columns, rows)
     acols = ["N", "index", "seconds", "time vs exact", "peak GiB", "R@1 (exact)", "R@8 (exact)", "MAP@R (exact)", "exact 8-NN found"]
     C.print_table("Approximate indexes vs exact search", acols, approx_rows)
-    for h in headlines:
-        C.console.print(h)
-    if args.quick or args.no_write:
-        return
     body = (
-        "Headline:\n\n" + "\n".join(f"- {h}" for h in headlines) + "\n\n"
         f"Data: {args.dim}-d Gaussian class centres + noise sigma {args.sigma}, {args.classes} classes "
         f"(1M: {args.million_classes}); every sample queries all others (leave-one-out). Each method runs in a fresh "
         "process; peak = highest resident memory above the loaded embeddings.\n\n"
@@ -251,8 +248,7 @@ def main() -> None:
         "before trusting it. \"exact 8-NN found\" is the share of each query's exact 8 nearest neighbours it returns.\n\n"
         + C.markdown_table(acols, approx_rows)
     )
-    C.write_section("eval", "Evaluation: Recall@K + MAP@R", body, command=C.command_line(MODULE), info=info,
-                    seconds=time.monotonic() - started)
+    C.report(args, MODULE, "eval", "Evaluation: Recall@K + MAP@R", headlines, body, info=info, started=started)
 
 
 def _label(method: str, chunk: int) -> str:
@@ -264,8 +260,9 @@ def _label(method: str, chunk: int) -> str:
     }[method]
 
 
-def _index_specs(args: Any) -> list[dict[str, Any]]:
-    return [{"kind": "ivf", "nprobe": p} for p in args.nprobe] + [{"kind": "hnsw", "ef_search": args.ef_search}]
+def _index_specs(args: Any, n: int) -> list[dict[str, Any]]:
+    hnsw = [{"kind": "hnsw", "ef_search": args.ef_search}] if n <= args.hnsw_max else []
+    return [{"kind": "ivf", "nprobe": p} for p in args.nprobe] + hnsw
 
 
 def _index_label(spec: dict[str, Any]) -> str:

@@ -191,12 +191,7 @@ def main() -> None:
     columns = ["classes", "mode", "centres per worker", "peak GiB per worker", "RSS: parameters", "after forward",
                "after backward", "after optimiser step", "peak / one full C x D fp32 copy"]
     C.print_table(f"Classifier memory per worker, W = {args.workers}, global batch {args.batch}", columns, rows)
-    for h in headlines:
-        C.console.print(h)
-    if args.quick or args.no_write:
-        return
     body = (
-        "Headline:\n\n" + "\n".join(f"- {h}" for h in headlines) + "\n\n"
         f"One training step (forward, backward, SGD momentum step) of the classifier alone, {args.workers} worker "
         f"processes under torchrun (gloo, CPU), global batch {args.batch}. Data parallel = AMSoftmaxLoss with all C "
         "centres on every worker in DistributedDataParallel (gradient_as_bucket_view=True); model parallel = "
@@ -207,8 +202,8 @@ def main() -> None:
         + C.markdown_table(columns, rows)
         + "".join(f"\n\n{n}" for n in notes)
     )
-    C.write_section("mp_memory", "Model-parallel classifier memory per worker", body, command=C.command_line(MODULE),
-                    info=info, seconds=time.monotonic() - started)
+    C.report(args, MODULE, "mp_memory", "Model-parallel classifier memory per worker", headlines, body,
+             info=info, started=started)
 
 
 if __name__ == "__main__":

@@ -140,14 +140,14 @@ def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--per-class", type=int, default=10, help="Glyph images per class (60 classes)")
+    p.add_argument("--per-class", type=int, default=20, help="Glyph images per class (60 classes)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3, help="Epochs per run; the first is not counted")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (data.reader_threads)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run; on a shared box oversubscribed OpenMP threads slow torch 3-5x")
     p.add_argument("--feature-dim", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=2, help="Runs of each loop, alternating")
+    p.add_argument("--repeats", type=int, default=3, help="Runs of each loop, alternating")
     args = p.parse_args()
     if C.child_entry(args, child):
         return
@@ -186,20 +186,16 @@ def main() -> None:
     spread = (max(runs["bare"]) - min(runs["bare"])) / bare if bare else 0.0
     headline = (f"Our trainer runs at {C.ratio(ours, bare)} the bare loop's images/s ({ours:.0f} vs {bare:.0f}; "
                 f"run-to-run spread of the bare loop itself: {spread:.0%}).")
-    C.console.print(headline)
-    if args.quick or args.no_write:
-        return
     n_images = 60 * args.per_class
     body = (
-        f"Headline: {headline}\n\n"
         f"Work: {args.backbone} + Linear/BN neck to {args.feature_dim}-d, ArcFace (PML), SGD momentum + cosine, "
         f"{n_images} generated glyph images ({args.image_size} px, 60 classes), batch {args.batch_size}, "
         f"{args.workers} DataLoader workers, {args.threads} torch threads, {args.epochs} epochs per run, first epoch not counted, "
         f"{args.repeats} alternating runs of each loop, each in a fresh process.\n\n"
         + C.markdown_table(columns, rows)
     )
-    C.write_section("train", "Training overhead: our trainer vs a bare loop", body, command=C.command_line(MODULE),
-                    info=info, seconds=time.monotonic() - started)
+    C.report(args, MODULE, "train", "Training overhead: our trainer vs a bare loop", [headline], body,
+             info=info, started=started)
 
 
 if __name__ == "__main__":

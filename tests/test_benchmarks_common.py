@@ -48,6 +48,26 @@ def test_write_section_replaces_only_its_own_section(tmp_path: Path, monkeypatch
     assert "`python -m x --big`" in text and "cpus 2" in text
 
 
+@pytest.mark.parametrize("flag", ["--quick", "--no-write"])
+def test_report_prints_but_leaves_results_alone_on_smoke_runs(flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(C, "RESULTS", results)
+    args = C.parser("x").parse_args([flag])
+    C.report(args, "benchmarks.x", "x", "X", ["ours 2.00x faster"], "body", info={}, started=0.0)
+    assert "ours 2.00x faster" in capsys.readouterr().out
+    assert not results.exists()
+
+
+def test_report_writes_the_headlines_above_the_body(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(C, "RESULTS", results)
+    args = C.parser("x").parse_args([])
+    C.report(args, "benchmarks.x", "x", "X", ["one", "two"], "the table", info={"cpus": 2}, started=0.0)
+    text = results.read_text()
+    assert "Headline:\n\n- one\n- two\n\nthe table\n<!-- END x -->" in text
+
+
 def test_markdown_table_escapes_pipes() -> None:
     table = C.markdown_table(["name", "max |diff|"], [["x", 1]])
     assert table.splitlines()[0] == "| name | max \\|diff\\| |"
