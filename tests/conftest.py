@@ -13,6 +13,17 @@ OSS_TEST_ACCESS_KEY_SECRET = "test-access-key-secret"
 OSS_TEST_BUCKET = "test-bucket"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on 2 shared cores, OpenMP barriers make 2 threads several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def oss_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OssTestServer]:
     """A running in-memory OSS with bucket `test-bucket`; OSS_* env vars point trainer.storage at it.

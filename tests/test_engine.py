@@ -19,52 +19,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
+from tests.colour_data import write_colour_dataset
 from trainer import checkpoint as ckpt
 from trainer import engine
 from trainer.config import ConfigError, Scheduler, validate_config
-from trainer.data.manifest import DatasetSummary, ManifestRecord, write_dataset
 from trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, lr_factor, run_training
 from trainer.history import read_history
 from trainer.steps import TrainInput
 
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "grey": (128, 128, 128)}
+COLOURS = ["red", "green", "blue", "grey"]
 PER_CLASS = 12  # 48 images, batch 8 -> 6 steps per epoch
 STEPS_PER_EPOCH = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP barriers make 2 threads several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Four classes told apart by colour, with pixel noise: an easy task a few steps can learn."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    records, classes = [], list(COLOURS)
-    for label, (name, rgb) in enumerate(COLOURS.items()):
-        for i in range(PER_CLASS):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (20, 20, 3)), 0, 255).astype(np.uint8)
-            path = root / "images" / f"{name}_{i}.png"
-            path.parent.mkdir(exist_ok=True)
-            Image.fromarray(pixels).save(path)
-            records.append(ManifestRecord(uri=str(path), labels=[label], source=f"train.txt:{len(records) + 1}"))
-    summary = DatasetSummary(
-        split="train", annotations="train.txt", data_format="ClsSourceImageList", num_samples=len(records),
-        num_classes=len(classes), images_per_class={c: PER_CLASS for c in classes},
-    )
-    out = str(root / "dataset")
-    write_dataset(out, records, classes, summary)
-    return out
+    return write_colour_dataset(tmp_path_factory.mktemp("colours"), COLOURS, PER_CLASS)
 
 
 def raw_config(output_dir: Path, **sections: dict) -> dict:
@@ -117,7 +94,7 @@ def test_loss_decreases_and_outputs_are_written(reference) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["config_hash"] == result.config_hash
     assert config["model"]["num_classes"] == 4  # resolved from classes.txt
-    assert (out / "classes.txt").read_text().split() == list(COLOURS)
+    assert (out / "classes.txt").read_text().split() == COLOURS
     assert (out / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = read_history(str(out))
     assert [h.epoch for h in history] == [1, 2]

@@ -26,14 +26,13 @@ import numpy as np
 import pytest
 import torch
 import typer
-from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from tests.colour_data import write_colour_dataset
 from tests.engine_dist_worker import hooks
 from trainer import engine, launch
 from trainer.config import ConfigError, validate_config
-from trainer.data.manifest import DatasetSummary, ManifestRecord, write_dataset
 from trainer.distributed import ShardedCheckpointError, shard_file
 from trainer.engine import ResumeConfigError, resolve_compute, run_training
 from trainer.steps import TrainInput
@@ -42,7 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "engine_dist_worker.py"
 WORLD = 2
 CLASSES = ["red", "green", "blue", "grey", "yellow"]  # 5 classes over 2 ranks: shards of 3 and 2 rows
-RGB = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (128, 128, 128), (230, 220, 40)]
 PER_CLASS = 8  # 40 images, global batch 8 -> 5 steps an epoch
 STEPS_PER_EPOCH, EPOCHS = 5, 2
 FEATURE_DIM = 16
@@ -50,33 +48,12 @@ STOP_AT = 7  # epoch 2, after its 2nd batch
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    records = []
-    for label, (name, rgb) in enumerate(zip(CLASSES, RGB)):
-        for i in range(PER_CLASS):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (20, 20, 3)), 0, 255).astype(np.uint8)
-            path = root / "images" / f"{name}_{i}.png"
-            path.parent.mkdir(exist_ok=True)
-            Image.fromarray(pixels).save(path)
-            records.append(ManifestRecord(uri=str(path), labels=[label], source=f"train.txt:{len(records) + 1}"))
-    summary = DatasetSummary(
-        split="train", annotations="train.txt", data_format="ClsSourceImageList", num_samples=len(records),
-        num_classes=len(CLASSES), images_per_class={c: PER_CLASS for c in CLASSES},
-    )
-    out = str(root / "dataset")
-    write_dataset(out, records, CLASSES, summary)
-    return out
+    return write_colour_dataset(tmp_path_factory.mktemp("colours"), CLASSES, PER_CLASS)
 
 
 def raw_config(output_dir: Path, model_parallel: bool = False) -> dict:

@@ -191,8 +191,8 @@ def test_oss_listing_and_delete_paginate(oss_server: OssTestServer) -> None:
 
 
 def test_oss_multipart_write(oss_server: OssTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 300 * 1024)
-    monkeypatch.setattr(storage, "PART_SIZE", 100 * 1024)  # OSS's minimum part size
+    monkeypatch.setattr(storage.oss, "MULTIPART_THRESHOLD", 300 * 1024)
+    monkeypatch.setattr(storage.oss, "PART_SIZE", 100 * 1024)  # OSS's minimum part size
     data = os.urandom(350 * 1024)
     storage.write_bytes(oss_server.url("big.bin"), data)
     assert storage.read_bytes(oss_server.url("big.bin")) == data
@@ -202,9 +202,9 @@ def test_oss_multipart_write(oss_server: OssTestServer, monkeypatch: pytest.Monk
 
 
 def test_oss_interrupted_multipart_leaves_no_object(oss_server: OssTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 300 * 1024)
-    monkeypatch.setattr(storage, "PART_SIZE", 100 * 1024)
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY", 0.01)
+    monkeypatch.setattr(storage.oss, "MULTIPART_THRESHOLD", 300 * 1024)
+    monkeypatch.setattr(storage.oss, "PART_SIZE", 100 * 1024)
+    monkeypatch.setattr(storage.oss, "RETRY_BASE_DELAY", 0.01)
     oss_server.fail_next(1000, op="UploadPart", status=503, code="ServiceUnavailable")
     with pytest.raises(StorageError, match=r"big\.bin: OSS server error \(503 ServiceUnavailable\) after 4 attempts"):
         storage.write_bytes(oss_server.url("big.bin"), os.urandom(350 * 1024))
@@ -310,9 +310,9 @@ def test_oss_persistent_failure_is_bounded_and_clear(oss_server: OssTestServer, 
     with pytest.raises(StorageError) as info:
         storage.read_bytes(oss_server.url("p.bin"))
     assert time.monotonic() - start < 10
-    assert oss_server.count("GetObject") == storage.RETRY_ATTEMPTS
+    assert oss_server.count("GetObject") == storage.oss.RETRY_ATTEMPTS
     assert str(info.value).startswith("oss://test-bucket/p.bin: ")
-    assert f"after {storage.RETRY_ATTEMPTS} attempts" in str(info.value)
+    assert f"after {storage.oss.RETRY_ATTEMPTS} attempts" in str(info.value)
 
 
 def test_oss_missing_endpoint_or_credentials(oss_server: OssTestServer, monkeypatch: pytest.MonkeyPatch) -> None:

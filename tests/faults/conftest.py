@@ -25,10 +25,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.colour_data import RGB, noisy_colour
+
 REPO = Path(__file__).resolve().parents[2]
 BACKBONE = "test_resnet"
 IMAGE_SIZE = 16
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "grey": (128, 128, 128)}
+COLOURS = {name: RGB[name] for name in ("red", "green", "blue", "grey")}
 PER_CLASS = 6  # 24 images, batch 8: 3 steps per epoch
 STEPS_PER_EPOCH = 3
 
@@ -101,9 +103,7 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 def png_bytes(rgb: tuple[int, int, int], seed: int, size: int = IMAGE_SIZE, mode: str = "RGB", fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-    img = Image.fromarray(pixels)
+    img = noisy_colour(rgb, np.random.default_rng(seed), size)
     if mode == "I;16":  # 16-bit greyscale, as scanners and medical imaging write
         img = Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
     elif mode != "RGB":

@@ -75,13 +75,13 @@ def test_unreachable_endpoint_is_retried_with_backoff_then_fails_clearly(
     ran = imlt("read-data", "--annotations", ann, "--output-dir", tmp_path / "ds")
     elapsed = time.monotonic() - start
     assert ran.exit_code == 1, ran.output
-    attempts = storage.RETRY_ATTEMPTS
+    attempts = storage.oss.RETRY_ATTEMPTS
     assert f"{ann}: cannot reach OSS endpoint {endpoint} (ConnectionError) after {attempts} attempts" in ran.output, ran.output
     retries = [_RETRY.search(r.getMessage()) for r in caplog.records if _RETRY.search(r.getMessage())]
     assert [int(m.group(3)) for m in retries] == list(range(1, attempts))
     for m in retries:  # exponential backoff with jitter: base * 2^(n-1) * [0.5, 1]
         n, delay = int(m.group(3)), float(m.group(5))
-        full = min(storage.RETRY_MAX_DELAY, storage.RETRY_BASE_DELAY * 2 ** (n - 1))
+        full = min(storage.oss.RETRY_MAX_DELAY, storage.oss.RETRY_BASE_DELAY * 2 ** (n - 1))
         assert full * 0.5 - 0.01 <= delay <= full + 0.01, (n, delay)
     assert elapsed < 30
 
@@ -101,13 +101,13 @@ def test_persistent_resets_fail_clearly_naming_the_image_and_its_line(
 ) -> None:
     ann = put_small_set(oss_server)
     assert imlt("read-data", "--annotations", ann, "--output-dir", oss_server.url("ds")).exit_code == 0
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY", 0.02)  # a module tunable; keeps the test short
+    monkeypatch.setattr(storage.oss, "RETRY_BASE_DELAY", 0.02)  # a module tunable; keeps the test short
     oss_server.reset_next(1000, op="GetObject", key="set/img/2.png")
     ran = imlt("validate", "--dataset-dir", oss_server.url("ds"), "--output-dir", tmp_path / "val", "--workers", "2")
     assert ran.exit_code == 1, ran.output
     image = oss_server.url("set/img/2.png")
     assert f"{ann}:3: cannot read image: StorageError: {image}: connection to {oss_server.endpoint} failed" in ran.output, ran.output
-    assert f"after {storage.RETRY_ATTEMPTS} attempts" in ran.output
+    assert f"after {storage.oss.RETRY_ATTEMPTS} attempts" in ran.output
 
 
 def big_png(seed: int) -> bytes:
@@ -128,9 +128,9 @@ def test_failed_multipart_upload_is_aborted_and_leaves_no_object(
     ann = put_small_set(oss_server)
     storage.write_bytes(oss_server.url("set/img/0.png"), big_png(0))
     oss_server.calls.clear()
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 300 * 1024)
-    monkeypatch.setattr(storage, "PART_SIZE", 100 * 1024)
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY", 0.02)
+    monkeypatch.setattr(storage.oss, "MULTIPART_THRESHOLD", 300 * 1024)
+    monkeypatch.setattr(storage.oss, "PART_SIZE", 100 * 1024)
+    monkeypatch.setattr(storage.oss, "RETRY_BASE_DELAY", 0.02)
     oss_server.fail_next(1000, op="UploadPart", status=503, code="ServiceUnavailable")
     ran = imlt("read-data", "--annotations", ann, "--output-dir", oss_server.url("ds"), "--cache-images")
     assert ran.exit_code == 1, ran.output
@@ -142,7 +142,7 @@ def test_failed_multipart_upload_is_aborted_and_leaves_no_object(
 
 _SLOW_MULTIPART = """
 from trainer import storage
-storage.MULTIPART_THRESHOLD, storage.PART_SIZE, storage.RETRY_BASE_DELAY = 300 * 1024, 100 * 1024, 2.0
+storage.oss.MULTIPART_THRESHOLD, storage.oss.PART_SIZE, storage.oss.RETRY_BASE_DELAY = 300 * 1024, 100 * 1024, 2.0
 """
 
 
