@@ -1,6 +1,6 @@
 """Retrieval quality on unseen classes: every loss x backbone, with raw-pixel and untrained baselines.
 
-    python -m benchmarks.quality                # 20 glyphs a class, 8 epochs (~45 min on 2 cores)
+    python -m benchmarks.quality                # 20 glyphs a class, 8 epochs (about an hour on 2 cores)
     python -m benchmarks.quality --full         # the demo's sizes: 40 glyphs a class, 10 epochs
     python -m benchmarks.quality --all-pairs    # every loss on every backbone
 
@@ -20,8 +20,9 @@ Every loss runs on the first backbone and the first loss on the other backbones 
 of 3 seeds at the defaults; `--all-pairs` for the full grid). Default sizes (half the demo's
 glyphs, half the digit scans, 8 epochs) fit a 2-core machine in under an hour and are not
 converged (the demo's 10 epochs of 2,400 glyphs reach R@1 ~0.8); `--full` uses the demo's sizes.
-With SGD at lr 0.1 (the reference default), 2 epochs of 8 glyphs a class trained no loss past the
-raw-pixel baseline: use an adaptive optimiser when training from scratch on little data.
+With SGD at lr 0.1 (the reference default) no loss trained past the raw-pixel baseline
+(`--optimizer SGD --lr 0.1 --per-class 8 --epochs 2 --digits-every 3`): use an adaptive
+optimiser when training from scratch on little data.
 """
 
 from __future__ import annotations
