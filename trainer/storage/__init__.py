@@ -39,14 +39,13 @@ from trainer.storage.fsspec_backend import _fs, _fs_errors, _fs_list_relative
 from trainer.storage.local import _TMP_SUFFIX, _local_errors, _local_list_relative, _local_write
 from trainer.storage.oss import (
     OssSettings,
+    _oss_create_exclusive,
     _oss_delete,
     _oss_download,
     _oss_exists,
     _oss_list_relative,
     _oss_read,
-    _oss_target,
     _oss_write,
-    _retrying,
     configure_oss,
     current_oss_settings,
     reset_clients,
@@ -150,14 +149,7 @@ def create_exclusive(url: str, data: bytes) -> bool:
             f.write(data)
         return True
     if _is_oss(url):
-        t = _oss_target(url)
-        try:
-            _retrying(t, "create", lambda: t.bucket.put_object(t.key, data, headers={"x-oss-forbid-overwrite": "true"}))
-        except StorageError as e:
-            if "409 FileAlreadyExists" in str(e):
-                return False
-            raise
-        return True
+        return _oss_create_exclusive(url, data)
     if exists(url):
         return False
     write_bytes(url, data)

@@ -366,6 +366,18 @@ def _oss_write(url: str, data: bytes) -> None:
         _oss_multipart_write(t, data)
 
 
+def _oss_create_exclusive(url: str, data: bytes) -> bool:
+    """PutObject with x-oss-forbid-overwrite: False when the name is taken (409 FileAlreadyExists)."""
+    t = _oss_target(url)
+    try:
+        _retrying(t, "create", lambda: t.bucket.put_object(t.key, data, headers={"x-oss-forbid-overwrite": "true"}))
+    except StorageError as e:
+        if "409 FileAlreadyExists" in str(e):
+            return False
+        raise
+    return True
+
+
 def _oss_multipart_write(t: _OssTarget, data: bytes) -> None:
     """Upload parts, then complete; on any failure abort so no part or object is left visible."""
     import oss2
