@@ -142,10 +142,10 @@ def main() -> None:
         args.images, args.workers, args.repeats = 64, [0, 1], 1
     from torchvision.datasets import ImageFolder
 
-    from trainer import storage
-    from trainer.data.dataset import ImageDataset
-    from trainer.data.manifest import ManifestRecord
-    from trainer.data.transforms import build_train_transform
+    from imlt.trainer import storage
+    from imlt.trainer.data.dataset import ImageDataset
+    from imlt.trainer.data.manifest import ManifestRecord
+    from imlt.trainer.data.transforms import build_train_transform
 
     started = time.monotonic()
     info = C.machine_info(args.device)

@@ -50,7 +50,7 @@ def make_embeddings(n: int, dim: int, classes: int, sigma: float, seed: int = 0)
 
 
 def _ours(x: np.ndarray, y: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
-    from trainer.retrieval import ApproximateIndex, retrieval_metrics
+    from imlt.trainer.retrieval import ApproximateIndex, retrieval_metrics
 
     index: Any = "exact"
     if spec.get("index"):
@@ -130,7 +130,7 @@ def _neighbour_recall(x: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
     """Share of each query's exact 8 nearest neighbours that the approximate index returns."""
     import faiss
 
-    from trainer.retrieval import ApproximateIndex, build_approximate_index, l2_normalize
+    from imlt.trainer.retrieval import ApproximateIndex, build_approximate_index, l2_normalize
 
     xn = l2_normalize(x)
     rng = np.random.default_rng(1)

@@ -39,14 +39,14 @@ MODES = ("data-parallel", "model-parallel")
 def _build(mode: str, num_classes: int, dim: int, env: Any) -> tuple[Any, int, list[Any]]:
     import torch
 
-    from trainer import distributed as D
+    from imlt.trainer import distributed as D
 
     if mode == "model-parallel":
         loss_fn = D.ModelParallelAMSoftmax(num_classes, dim, env)
         return loss_fn, loss_fn.classifier.end - loss_fn.classifier.start, list(loss_fn.parameters())
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainer.losses import AMSoftmaxLoss
+    from imlt.trainer.losses import AMSoftmaxLoss
 
     inner = AMSoftmaxLoss(num_classes, dim)
     return DistributedDataParallel(inner, gradient_as_bucket_view=True), num_classes, list(inner.parameters())
@@ -78,7 +78,7 @@ def worker(spec: dict[str, Any]) -> None:
 
     import torch
 
-    from trainer import distributed as D
+    from imlt.trainer import distributed as D
 
     env = D.init_process_group("cpu")
     if not torch.distributed.is_initialized():  # a world of one joins nothing, but DDP needs a group

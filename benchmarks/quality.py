@@ -44,8 +44,8 @@ HEAD = ("R@1", "R@2", "R@4", "R@8", "MAP@R")
 
 def prepare(root: Path, task: str, per_class: int, image_size: int, digits_every: int) -> tuple[str, str]:
     """(train dataset_dir, val dataset_dir) of read_data folders."""
-    from trainer.data.synthetic import generate_digits, generate_glyphs
-    from trainer.steps import ReadDataInput, read_data
+    from imlt.trainer.data.synthetic import generate_digits, generate_glyphs
+    from imlt.trainer.steps import ReadDataInput, read_data
 
     if task == "glyphs":
         data = generate_glyphs(root / task, train_per_class=per_class, val_per_class=glyph_val(per_class), image_size=image_size)
@@ -67,13 +67,13 @@ def glyph_val(per_class: int) -> int:
 
 def train_and_score(spec: dict[str, Any]) -> dict[str, float] | None:
     """Train one model and score the unseen classes; None if the loss diverged."""
-    from trainer.config import validate_config
-    from trainer.data.manifest import read_manifest
-    from trainer.engine import NonFiniteLossError, run_training
-    from trainer.evaluate import embed
-    from trainer.model import load_embedding_model
-    from trainer.retrieval import retrieval_metrics
-    from trainer.steps import TrainInput
+    from imlt.trainer.config import validate_config
+    from imlt.trainer.data.manifest import read_manifest
+    from imlt.trainer.engine import NonFiniteLossError, run_training
+    from imlt.trainer.evaluate import embed
+    from imlt.trainer.model import load_embedding_model
+    from imlt.trainer.retrieval import retrieval_metrics
+    from imlt.trainer.steps import TrainInput
 
     cfg = validate_config({
         "output_dir": spec["output_dir"],
@@ -98,11 +98,11 @@ def train_and_score(spec: dict[str, Any]) -> dict[str, float] | None:
 def untrained_score(val: str, backbone: str, feature_dim: int, image_size: int, seed: int, device: str) -> dict[str, float]:
     import torch
 
-    from trainer.config import ModelConfig
-    from trainer.data.manifest import read_manifest
-    from trainer.evaluate import embed
-    from trainer.model import build_model
-    from trainer.retrieval import retrieval_metrics
+    from imlt.trainer.config import ModelConfig
+    from imlt.trainer.data.manifest import read_manifest
+    from imlt.trainer.evaluate import embed
+    from imlt.trainer.model import build_model
+    from imlt.trainer.retrieval import retrieval_metrics
 
     torch.manual_seed(seed)
     model = build_model(ModelConfig(backbone=backbone, feature_dim=feature_dim), image_size, zero_init_last=False)
@@ -111,9 +111,9 @@ def untrained_score(val: str, backbone: str, feature_dim: int, image_size: int, 
 
 
 def pixel_score(val: str, image_size: int) -> dict[str, float]:
-    from trainer.data.manifest import read_manifest
-    from trainer.evaluate import raw_pixel_embeddings
-    from trainer.retrieval import retrieval_metrics
+    from imlt.trainer.data.manifest import read_manifest
+    from imlt.trainer.evaluate import raw_pixel_embeddings
+    from imlt.trainer.retrieval import retrieval_metrics
 
     return retrieval_metrics(*raw_pixel_embeddings(read_manifest(val), image_size))
 
@@ -152,7 +152,7 @@ def main() -> None:
         args.per_class, args.epochs, args.digits_every = 40, 10, 1
     if args.quick:
         args.tasks, args.backbones, args.losses, args.seeds, args.per_class, args.epochs = ["glyphs"], ["resnet18"], ["ArcFace"], 1, 6, 1
-    logging.getLogger("trainer").setLevel(logging.WARNING)
+    logging.getLogger("imlt.trainer").setLevel(logging.WARNING)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -32,8 +32,8 @@ MODULE = "benchmarks.train_overhead"
 
 
 def prepare_dataset(root: Path, per_class: int, image_size: int) -> str:
-    from trainer.data.synthetic import generate_glyphs
-    from trainer.steps import ReadDataInput, read_data
+    from imlt.trainer.data.synthetic import generate_glyphs
+    from imlt.trainer.steps import ReadDataInput, read_data
 
     data = generate_glyphs(root / "glyphs", train_per_class=per_class, val_per_class=2, image_size=image_size)
     out = read_data(ReadDataInput(output_dir=str(root / "train_dataset"), annotations=data.train_annotations,
@@ -42,9 +42,9 @@ def prepare_dataset(root: Path, per_class: int, image_size: int) -> str:
 
 
 def _ours(spec: dict[str, Any]) -> list[float]:
-    from trainer.config import validate_config
-    from trainer.engine import run_training
-    from trainer.steps import TrainInput
+    from imlt.trainer.config import validate_config
+    from imlt.trainer.engine import run_training
+    from imlt.trainer.steps import TrainInput
 
     cfg = validate_config({
         "output_dir": spec["output_dir"],
@@ -71,8 +71,8 @@ def _bare(spec: dict[str, Any]) -> list[float]:
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
 
-    from trainer.data.manifest import read_classes, read_manifest
-    from trainer.data.transforms import build_train_transform
+    from imlt.trainer.data.manifest import read_classes, read_manifest
+    from imlt.trainer.data.transforms import build_train_transform
 
     torch.manual_seed(spec["seed"])
     device = torch.device(spec["device"])
@@ -153,7 +153,7 @@ def main() -> None:
         return
     if args.quick:
         args.per_class, args.epochs, args.repeats = 6, 2, 1
-    from trainer.config import timm_name
+    from imlt.trainer.config import timm_name
 
     started = time.monotonic()
     info = C.machine_info(args.device)

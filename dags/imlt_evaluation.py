@@ -8,8 +8,8 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag
 
-from components.airflow.dag_params import RUN_DIR, data_params, template_filters
-from components.airflow.operators import EvaluateRecallOperator, ReadOssDataOperator, ValidateAnnotationsOperator
+from imlt.components.airflow.dag_params import RUN_DIR, data_params, template_filters
+from imlt.components.airflow.operators import EvaluateRecallOperator, ReadOssDataOperator, ValidateAnnotationsOperator
 
 EXAMPLE_ROOT = "oss://my-bucket/imlt"
 

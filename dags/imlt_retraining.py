@@ -13,15 +13,15 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, chain, dag, task
 
-from components.airflow.dag_params import RUN_DIR, data_params, template_filters
-from components.airflow.operators import (
+from imlt.components.airflow.dag_params import RUN_DIR, data_params, template_filters
+from imlt.components.airflow.operators import (
     EvaluateRecallOperator,
     PublishModelOperator,
     ReadOssDataOperator,
     TrainMetricModelOperator,
     ValidateAnnotationsOperator,
 )
-from trainer.config import BACKBONES, LossName
+from imlt.trainer.config import BACKBONES, LossName
 
 EXAMPLE_ROOT = "oss://my-bucket/imlt"
 
@@ -143,7 +143,7 @@ def imlt_retraining() -> None:
         """Skip publishing unless Recall@1 beats the floor and the published model."""
         import logging
 
-        from trainer.publish import publish_decision
+        from imlt.trainer.publish import publish_decision
 
         go, reason = publish_decision(metrics, destination, floor)
         logging.getLogger(__name__).info(reason)

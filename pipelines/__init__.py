@@ -1,1 +1,1 @@
-"""KFP pipelines built from components.kfp, and their compiled YAML (`python -m pipelines.compile`)."""
+"""KFP pipelines built from imlt.components.kfp, and their compiled YAML (`python -m imlt.pipelines.compile`)."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from kfp import dsl, kubernetes
 
-from trainer.config import INSTANCE_TYPES
-from trainer.k8s import OSS_SECRET_KEYS as _SECRET_LAYOUT
+from imlt.trainer.config import INSTANCE_TYPES
+from imlt.trainer.k8s import OSS_SECRET_KEYS as _SECRET_LAYOUT
 
 # The one Secret layout of the project (see trainer.k8s): its keys are the variable names.
 OSS_SECRET_KEYS = {var: var for var, _required in _SECRET_LAYOUT}

@@ -1,4 +1,4 @@
-"""Compile every pipeline to YAML next to this file: `python -m pipelines.compile [OUT_DIR]`.
+"""Compile every pipeline to YAML next to this file: `python -m imlt.pipelines.compile [OUT_DIR]`.
 
 The YAML files are committed so the Pipelines UI can upload them without a Python setup;
 tests/test_kfp_pipelines.py fails when they are stale.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from kfp import compiler
 
-from pipelines.evaluation import evaluation_pipeline
-from pipelines.training import training_pipeline, training_pipeline_distributed, training_pipeline_gpu
+from imlt.pipelines.evaluation import evaluation_pipeline
+from imlt.pipelines.training import training_pipeline, training_pipeline_distributed, training_pipeline_gpu
 
 PIPELINES = {
     "training_pipeline.yaml": training_pipeline,

@@ -4,8 +4,8 @@ from typing import List
 
 from kfp import dsl
 
-from components.kfp import evaluate, import_model, read_data, validate
-from pipelines._platform import use_oss_secret
+from imlt.components.kfp import evaluate, import_model, read_data, validate
+from imlt.pipelines._platform import use_oss_secret
 
 
 @dsl.pipeline(name="imlt-evaluation")

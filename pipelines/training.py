@@ -10,8 +10,8 @@ from typing import Optional
 
 from kfp import dsl
 
-from components.kfp import evaluate, publish, read_data, train, train_on_kubernetes, validate
-from pipelines._platform import set_train_resources, use_oss_secret
+from imlt.components.kfp import evaluate, publish, read_data, train, train_on_kubernetes, validate
+from imlt.pipelines._platform import set_train_resources, use_oss_secret
 
 
 def build_training_pipeline(

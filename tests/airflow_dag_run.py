@@ -24,7 +24,7 @@ def main(dag_id: str, conf: dict, out_path: str) -> None:
         states = {ti.task_id: getattr(ti.state, "value", ti.state) for ti in dr.get_task_instances(session=session)}
         rows = session.scalars(XComModel.get_many(run_id=dr.run_id, dag_ids=dag_id, key="return_value")).all()
         xcoms = {row.task_id: XComModel.deserialize_value(row) for row in rows}
-    from trainer.storage import current_oss_settings  # tasks ran in this process: what did they set?
+    from imlt.trainer.storage import current_oss_settings  # tasks ran in this process: what did they set?
 
     oss = current_oss_settings()
     result = {

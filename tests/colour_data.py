@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainer.data.manifest import DatasetSummary, ManifestRecord, write_dataset
+from imlt.trainer.data.manifest import DatasetSummary, ManifestRecord, write_dataset
 
 RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "grey": (128, 128, 128),
        "yellow": (230, 220, 40)}

@@ -31,7 +31,7 @@ def oss_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OssTestServer]:
     `oss_server.url("a/b.txt")` -> "oss://test-bucket/a/b.txt"; `.endpoint`; `.fail_next(...)`,
     `.reset_next(...)`, `.max_keys_cap`, `.calls`, `.uploads`, `.keys()` for assertions.
     """
-    from trainer import storage
+    from imlt.trainer import storage
 
     with OssTestServer(OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET) as server:
         server.create_bucket(OSS_TEST_BUCKET)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import distributed as D
+from imlt.trainer import distributed as D
 
 
 def _local_rows(n_per_rank: list[int], rank: int) -> slice:

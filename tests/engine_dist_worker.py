@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from trainer import distributed as D
-from trainer import engine
-from trainer.config import validate_config
-from trainer.steps import TrainInput
+from imlt.trainer import distributed as D
+from imlt.trainer import engine
+from imlt.trainer.config import validate_config
+from imlt.trainer.steps import TrainInput
 
 
 def freeze_batchnorm(trainer: engine.Trainer) -> None:

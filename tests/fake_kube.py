@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer import k8s
+from imlt.trainer import k8s
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -108,8 +108,8 @@ def test_dagbag_imports_every_dag_fast_and_without_torch(airflow_env: dict[str, 
 
 HOOK = """
 import json
-from components.airflow.hooks.oss import ImltOssHook
-from trainer.storage import OssSettings
+from imlt.components.airflow.hooks.oss import ImltOssHook
+from imlt.trainer.storage import OssSettings
 s = ImltOssHook().settings
 print(json.dumps({
     "type": type(s).__name__ == OssSettings.__name__,
@@ -131,7 +131,7 @@ def test_hook_builds_oss_settings_from_the_oss_default_connection(airflow_env: d
 
 MISSING = """
 from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException
-from components.airflow.hooks.oss import ImltOssHook
+from imlt.components.airflow.hooks.oss import ImltOssHook
 assert ImltOssHook().configure_storage() is False  # no connection: environment credentials apply
 try:
     ImltOssHook(oss_conn_id="team_oss").configure_storage(required=True)
@@ -230,7 +230,7 @@ def test_retraining_dag_publishes_and_evaluation_dag_scores_it(airflow_env: dict
     assert xcoms["train"]["model_dir"].startswith(conf["output_root"] + "/manual__")
 
     # the gate of the next run compares with this published model (read through DEST/latest)
-    from trainer.publish import publish_decision
+    from imlt.trainer.publish import publish_decision
 
     r = metrics["recall_at_1"]
     assert publish_decision({"recall_at_1": r}, str(dest), 0.0)[0] is False  # equal is not better

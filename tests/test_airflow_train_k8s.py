@@ -17,11 +17,11 @@ pytest.importorskip("airflow.sdk")
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred  # noqa: E402
 
-from components.airflow.operators import KubernetesTrainMetricModelOperator  # noqa: E402
-from components.airflow.triggers import TrainJobTrigger  # noqa: E402
+from imlt.components.airflow.operators import KubernetesTrainMetricModelOperator  # noqa: E402
+from imlt.components.airflow.triggers import TrainJobTrigger  # noqa: E402
 from tests.fake_kube import FakeCluster  # noqa: E402
 from tests.kfp_data import write_split  # noqa: E402
-from trainer import remote_train, steps  # noqa: E402
+from imlt.trainer import remote_train, steps  # noqa: E402
 
 TINY_CONFIG = {
     "model": {"backbone": "resnet18", "feature_dim": 16},

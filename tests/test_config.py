@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from trainer.config import (
+from imlt.trainer.config import (
     LOSS_DEFAULTS,
     ConfigError,
     LossName,

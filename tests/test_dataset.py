@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from trainer import storage
-from trainer.data.dataset import ImageDataset, decode_rgb
-from trainer.data.manifest import ManifestRecord
-from trainer.data.sampler import MPerClassBatchSampler
-from trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
+from imlt.trainer import storage
+from imlt.trainer.data.dataset import ImageDataset, decode_rgb
+from imlt.trainer.data.manifest import ManifestRecord
+from imlt.trainer.data.sampler import MPerClassBatchSampler
+from imlt.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 
 SIZE = 16
 

@@ -13,7 +13,7 @@ import pytest
 def test_demo_learns_unseen_classes_better_than_both_baselines(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "demo", "--output", str(out), "--epochs", "6"],
+        [sys.executable, "-m", "imlt.trainer.cli", "demo", "--output", str(out), "--epochs", "6"],
         capture_output=True, text=True, env={**os.environ, "COLUMNS": "160"}, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import distributed as D
-from trainer.config import LOSS_DEFAULTS, LossConfig, LossName
+from imlt.trainer import distributed as D
+from imlt.trainer.config import LOSS_DEFAULTS, LossConfig, LossName
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"

@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.colour_data import write_colour_dataset
-from trainer import checkpoint as ckpt
-from trainer import engine
-from trainer.config import ConfigError, Scheduler, validate_config
-from trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, lr_factor, run_training
-from trainer.history import read_history
-from trainer.steps import TrainInput
+from imlt.trainer import checkpoint as ckpt
+from imlt.trainer import engine
+from imlt.trainer.config import ConfigError, Scheduler, validate_config
+from imlt.trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, lr_factor, run_training
+from imlt.trainer.history import read_history
+from imlt.trainer.steps import TrainInput
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue", "grey"]
@@ -106,7 +106,7 @@ def test_loss_decreases_and_outputs_are_written(reference) -> None:
     assert usage["device"] == "cpu" and usage["gpu_count"] == 0
     assert checkpoints(out) == ["epoch-0001.ckpt", "epoch-0002.ckpt"]
 
-    from trainer.model import load_embedding_model
+    from imlt.trainer.model import load_embedding_model
 
     model, cfg = load_embedding_model(str(out))
     assert cfg.config_hash() == result.config_hash
@@ -139,9 +139,9 @@ def test_rerun_of_a_finished_run_does_not_train_again(reference, tmp_path: Path,
 _KILLED_CHILD = """
 import sys, time, json
 from pathlib import Path
-from trainer import engine
-from trainer.config import validate_config
-from trainer.steps import TrainInput
+from imlt.trainer import engine
+from imlt.trainer.config import validate_config
+from imlt.trainer.steps import TrainInput
 
 cfg = validate_config(json.loads(sys.argv[1]))
 marker = Path(sys.argv[3])

@@ -31,11 +31,11 @@ from typer.testing import CliRunner
 
 from tests.colour_data import write_colour_dataset
 from tests.engine_dist_worker import hooks
-from trainer import engine, launch
-from trainer.config import ConfigError, validate_config
-from trainer.distributed import ShardedCheckpointError, shard_file
-from trainer.engine import ResumeConfigError, resolve_compute, run_training
-from trainer.steps import TrainInput
+from imlt.trainer import engine, launch
+from imlt.trainer.config import ConfigError, validate_config
+from imlt.trainer.distributed import ShardedCheckpointError, shard_file
+from imlt.trainer.engine import ResumeConfigError, resolve_compute, run_training
+from imlt.trainer.steps import TrainInput
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "engine_dist_worker.py"
@@ -246,7 +246,7 @@ def test_imlt_train_nproc_per_node_2_end_to_end(dataset: str, tmp_path: Path) ->
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable, "-m", "trainer.cli", "train", "--train-dataset", dataset, "--output-dir", str(out),
+        sys.executable, "-m", "imlt.trainer.cli", "train", "--train-dataset", dataset, "--output-dir", str(out),
         "--backbone", "resnet18", "--image-size", "16", "--feature-dim", "8", "--batch-size", "8",
         "--epochs", "1", "--device", "cpu", "--reader-threads", "0", "--nproc-per-node", "2",
         "--set", "train.seed=5",
@@ -267,10 +267,10 @@ def test_imlt_train_nproc_per_node_2_end_to_end(dataset: str, tmp_path: Path) ->
 def test_torchrun_command_single_and_multi_node() -> None:
     one = launch.torchrun_command(["--epochs", "1"], nproc_per_node=2, python="py", environ={})
     assert one == ["py", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1", "--standalone",
-                   "-m", "trainer.cli", "train", "--epochs", "1"]
+                   "-m", "imlt.trainer.cli", "train", "--epochs", "1"]
     two = launch.torchrun_command([], nproc_per_node=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", python="py", environ={})
     assert two[5:] == ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29500",
-                       "-m", "trainer.cli", "train"]
+                       "-m", "imlt.trainer.cli", "train"]
     # the Kubeflow operators' PET_* variables stand in for the flags
     pet = launch.torchrun_command([], nproc_per_node=1, nnodes=2, python="py",
                                   environ={"PET_MASTER_ADDR": "head", "PET_NODE_RANK": "1", "PET_MASTER_PORT": "23456"})
@@ -310,7 +310,7 @@ def test_cli_args_rebuild_what_was_given_minus_node_flags() -> None:
 
 def test_imlt_train_builds_the_torchrun_command_for_this_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real `imlt train` up to the process start: only the subprocess runner is replaced."""
-    from trainer.cli import app
+    from imlt.trainer.cli import app
 
     started: list[list[str]] = []
     monkeypatch.setattr(launch, "run_torchrun", lambda cmd, environ=None: started.append(list(cmd)) or 0)
@@ -323,7 +323,7 @@ def test_imlt_train_builds_the_torchrun_command_for_this_node(tmp_path: Path, mo
     assert ran.exit_code == 0, ran.output
     assert started == [[
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "2",
-        "--node-rank", "1", "--master-addr", "10.1.2.3", "--master-port", "29600", "-m", "trainer.cli", "train",
+        "--node-rank", "1", "--master-addr", "10.1.2.3", "--master-port", "29600", "-m", "imlt.trainer.cli", "train",
         "--train-dataset", "ds", "--output-dir", str(tmp_path), "--backbone", "resnet18", "--lr", "0.01", "--no-resume",
         "--set", "compute.mode=distributed", "--nproc-per-node", "2", "--nnodes", "2",
     ]]

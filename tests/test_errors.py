@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.errors import SHOWN_PROBLEMS, DataError, Problem, parse_source
+from imlt.trainer.errors import SHOWN_PROBLEMS, DataError, Problem, parse_source
 
 
 def test_message_shows_first_problems_and_the_total() -> None:

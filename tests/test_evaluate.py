@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.config import RunConfig
-from trainer.data.dataset import ImageDataset
-from trainer.data.manifest import DatasetSummary, ManifestRecord, read_manifest, write_dataset
-from trainer.evaluate import embed, evaluate_model, raw_pixel_embeddings, read_metrics
-from trainer.model import build_model, load_embedding_model, save_embedding_model
-from trainer.retrieval import retrieval_metrics
-from trainer.steps import EvaluateInput
+from imlt.trainer.config import RunConfig
+from imlt.trainer.data.dataset import ImageDataset
+from imlt.trainer.data.manifest import DatasetSummary, ManifestRecord, read_manifest, write_dataset
+from imlt.trainer.evaluate import embed, evaluate_model, raw_pixel_embeddings, read_metrics
+from imlt.trainer.model import build_model, load_embedding_model, save_embedding_model
+from imlt.trainer.retrieval import retrieval_metrics
+from imlt.trainer.steps import EvaluateInput
 
 IMAGE_SIZE = 16
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 210)}

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from kubeflow_trainer_api.models import IoK8sApiCoreV1PodTemplateSpec
 
-from trainer import k8s
-from trainer.config import load_config
+from imlt.trainer import k8s
+from imlt.trainer.config import load_config
 
 SCHEMA = json.loads((Path(__file__).parent / "schemas" / "pytorchjob-v1.schema.json").read_text())
 IMAGE = "registry.example.com/imlt:0.1.0"

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from kfp import dsl, local
 
-import components.kfp as kfp_components
-from components.kfp._training import CONFIG_FIELDS
+import imlt.components.kfp as kfp_components
+from imlt.components.kfp._training import CONFIG_FIELDS
 from tests.kfp_data import CLASSES, write_split
-from trainer.config import RunConfig
+from imlt.trainer.config import RunConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")  # kfp.local, custom image
 
@@ -67,7 +67,7 @@ def test_train_defaults_are_the_run_config_defaults(component: str, name: str, d
 
 def test_step_inputs_are_all_reachable_from_the_components() -> None:
     """Every field of a step's input model is a component input (or filled from an artifact)."""
-    from trainer import steps
+    from imlt.trainer import steps
 
     from_artifacts = {"output_dir", "dataset_dir", "model_dir", "metrics_dir", "train_dataset", "val_dataset",
                       "upstream_annotations", "config"}

@@ -9,12 +9,12 @@ import pytest
 import yaml
 from kfp import local
 
-import components.kfp as kfp_components
-from pipelines.compile import PIPELINES, compile_all
-from pipelines.evaluation import evaluation_pipeline
-from pipelines.training import training_pipeline
+import imlt.components.kfp as kfp_components
+from imlt.pipelines.compile import PIPELINES, compile_all
+from imlt.pipelines.evaluation import evaluation_pipeline
+from imlt.pipelines.training import training_pipeline
 from tests.kfp_data import write_split
-from trainer.config import INSTANCE_TYPES
+from imlt.trainer.config import INSTANCE_TYPES
 
 PIPELINE_DIR = Path(__file__).resolve().parents[1] / "pipelines"
 pytestmark = [
@@ -33,8 +33,8 @@ def test_committed_yaml_is_current(tmp_path: Path) -> None:
     assert {p.name for p in written} == set(PIPELINES)
     for path in written:
         committed = PIPELINE_DIR / path.name
-        assert committed.exists(), f"{committed} missing: run `python -m pipelines.compile`"
-        assert path.read_text() == committed.read_text(), f"{committed} is stale: run `python -m pipelines.compile`"
+        assert committed.exists(), f"{committed} missing: run `python -m imlt.pipelines.compile`"
+        assert path.read_text() == committed.read_text(), f"{committed} is stale: run `python -m imlt.pipelines.compile`"
 
 
 @pytest.mark.parametrize("filename", sorted(PIPELINES))

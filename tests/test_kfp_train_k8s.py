@@ -14,10 +14,10 @@ import pytest
 import yaml
 from kfp import dsl
 
-from components.kfp import train_on_kubernetes
+from imlt.components.kfp import train_on_kubernetes
 from tests.fake_kube import FakeCluster
 from tests.kfp_data import write_split
-from trainer import remote_train, steps
+from imlt.trainer import remote_train, steps
 
 PIPELINE_DIR = Path(__file__).resolve().parents[1] / "pipelines"
 
@@ -64,7 +64,7 @@ def test_component_refuses_to_run_without_an_output_dir(tmp_path: Path) -> None:
 
 
 def test_component_offers_every_train_input() -> None:
-    from components.kfp import train
+    from imlt.components.kfp import train
 
     shared = set(train.component_spec.inputs) - {"output_dir"}
     mine = train_on_kubernetes.component_spec.inputs

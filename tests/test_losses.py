@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 
-from trainer.config import LOSS_DEFAULTS, ConfigError, LossConfig, LossName, MODEL_PARALLEL_LOSSES
-from trainer.losses import LOSSES, AMSoftmaxLoss, ArcFaceLoss, CosFaceLoss, LossOutput, MetricLoss, build_loss
+from imlt.trainer.config import LOSS_DEFAULTS, ConfigError, LossConfig, LossName, MODEL_PARALLEL_LOSSES
+from imlt.trainer.losses import LOSSES, AMSoftmaxLoss, ArcFaceLoss, CosFaceLoss, LossOutput, MetricLoss, build_loss
 
 SINGLE_PROCESS = [n for n in LossName if n not in MODEL_PARALLEL_LOSSES]
 

@@ -13,8 +13,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from trainer.config import BACKBONES, DataConfig, ModelConfig, RunConfig
-from trainer.model import EmbeddingModel, build_model, load_embedding_model, load_pretrained, save_embedding_model
+from imlt.trainer.config import BACKBONES, DataConfig, ModelConfig, RunConfig
+from imlt.trainer.model import EmbeddingModel, build_model, load_embedding_model, load_pretrained, save_embedding_model
 
 CHEAP = ["resnet18", "vit_tiny", "xcit_tiny"]
 
@@ -74,8 +74,8 @@ def test_zero_init_last_false_spreads_untrained_embeddings() -> None:
     # blocks map everything to nearly one point; the untrained baseline needs zero_init_last=False.
     import random
 
-    from trainer.data.synthetic import FONT_FILES, _font_dir, render_glyph
-    from trainer.data.transforms import build_eval_transform
+    from imlt.trainer.data.synthetic import FONT_FILES, _font_dir, render_glyph
+    from imlt.trainer.data.transforms import build_eval_transform
 
     rng, to_tensor = random.Random(0), build_eval_transform(32)
     x = torch.stack([
@@ -119,7 +119,7 @@ def test_pretrained_from_a_timm_state_dict_saved_with_torch_save(tmp_path: Path,
     timm_model = timm.create_model("resnet18", pretrained=False, num_classes=7)  # with its fc head
     path = tmp_path / "resnet18.pth"
     torch.save(timm_model.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="trainer.model"):
+    with caplog.at_level(logging.INFO, logger="imlt.trainer.model"):
         model = build_model(_cfg(pretrained=str(path)), 32)
     for name, tensor in model.backbone.state_dict().items():
         assert torch.equal(tensor, timm_model.state_dict()[name]), name
@@ -130,7 +130,7 @@ def test_pretrained_from_a_timm_state_dict_saved_with_torch_save(tmp_path: Path,
 def test_pretrained_from_oss(oss_server) -> None:
     from safetensors.torch import save
 
-    from trainer import storage
+    from imlt.trainer import storage
 
     torch.manual_seed(6)
     source = build_model(_cfg(), 32)
@@ -156,7 +156,7 @@ def test_mismatched_keys_are_reported(tmp_path: Path, caplog: pytest.LogCaptureF
     path = tmp_path / "partial.safetensors"
     save_file(state, str(path))
     model = build_model(_cfg(), 32)
-    with caplog.at_level(logging.INFO, logger="trainer.model"):
+    with caplog.at_level(logging.INFO, logger="imlt.trainer.model"):
         report = load_pretrained(model, str(path))
     assert report.missing and "backbone.layer4.1.bn2.running_var" in report.missing
     assert report.unexpected == ["backbone.extra.proj.weight"]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import storage
-from trainer.config import RunConfig
-from trainer.data.manifest import DatasetSummary, ManifestRecord, write_dataset
-from trainer.evaluate import write_metrics
-from trainer.model import build_model, load_embedding_model, save_embedding_model
-from trainer.publish import (
+from imlt.trainer import storage
+from imlt.trainer.config import RunConfig
+from imlt.trainer.data.manifest import DatasetSummary, ManifestRecord, write_dataset
+from imlt.trainer.evaluate import write_metrics
+from imlt.trainer.model import build_model, load_embedding_model, save_embedding_model
+from imlt.trainer.publish import (
     LATEST,
     PublishError,
     check_exports,
@@ -27,7 +27,7 @@ from trainer.publish import (
     reserve_version,
     resolve_published,
 )
-from trainer.steps import PublishInput
+from imlt.trainer.steps import PublishInput
 
 IMAGE_SIZE = 32
 CLASSES = ["cat", "dog", "owl"]

@@ -1,7 +1,7 @@
 """Training as a Kubernetes job (trainer.remote_train) against tests/fake_kube.FakeCluster.
 
 The fake runs each pod as a local process executing the rendered command (torchrun -m
-trainer.cli train ...), so these tests train real (tiny) models and check the model folder:
+imlt.trainer.cli train ...), so these tests train real (tiny) models and check the model folder:
 what is under test is our submit / re-attach / wait / collect logic, not Kubernetes.
 """
 
@@ -17,9 +17,9 @@ import pytest
 from tests.conftest import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
 from tests.fake_kube import FakeCluster
 from tests.kfp_data import CLASSES, write_split
-from trainer import k8s, remote_train, steps, storage
-from trainer.config import load_config
-from trainer.remote_train import RemoteTrainInput
+from imlt.trainer import k8s, remote_train, steps, storage
+from imlt.trainer.config import load_config
+from imlt.trainer.remote_train import RemoteTrainInput
 
 TINY = {
     "model.backbone": "resnet18", "data.image_size": 32, "model.feature_dim": 16, "train.epochs": 1,
@@ -61,7 +61,7 @@ def test_distributed_trainjob_on_oss_trains_a_model_and_a_retry_reattaches(
         assert job.obj["spec"]["trainer"]["numNodes"] == 2
         command = job.obj["spec"]["trainer"]["command"]
         staged = oss_server.url("runs/r1/model/inputs/train")
-        assert command[:4] == ["torchrun", "-m", "trainer.cli", "train"]
+        assert command[:4] == ["torchrun", "-m", "imlt.trainer.cli", "train"]
         assert command[command.index("--train-dataset") + 1] == staged
         assert command[command.index("--config") + 1] == oss_server.url("runs/r1/model/job-config.json")
         assert [p.exit_code for p in job.pods] == [0, 0]
@@ -75,7 +75,7 @@ def test_distributed_trainjob_on_oss_trains_a_model_and_a_retry_reattaches(
         assert out.final_loss == pytest.approx(out.history[0]["loss"])
         usage = json.loads(storage.read_text(storage.join(out.model_dir, "usage.json")))
         assert usage["processes"] == 2 and out.instance_minutes == usage["instance_minutes"] >= 2
-        from trainer.model import load_embedding_model
+        from imlt.trainer.model import load_embedding_model
 
         model, cfg = load_embedding_model(out.model_dir)  # a real, loadable model
         assert cfg.config_hash() == out.config_hash
@@ -178,7 +178,7 @@ def test_flat_resources_prefers_requests_and_keeps_gpu_limits() -> None:
 
 
 def test_model_folder_names_agree_with_the_trainer() -> None:
-    from trainer import engine, history, model
+    from imlt.trainer import engine, history, model
 
     assert remote_train.WEIGHTS_FILE == model.WEIGHTS and remote_train.CONFIG_FILE == model.CONFIG == engine.CONFIG_FILE
     assert remote_train.HISTORY_FILE == history.HISTORY and remote_train.USAGE_FILE == engine.USAGE_FILE

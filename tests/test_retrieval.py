@@ -9,7 +9,7 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 
-from trainer.retrieval import RetrievalError, retrieval_metrics
+from imlt.trainer.retrieval import RetrievalError, retrieval_metrics
 
 
 def _pml(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:

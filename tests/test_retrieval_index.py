@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.retrieval import ApproximateIndex, RetrievalError, retrieval_metrics
+from imlt.trainer.retrieval import ApproximateIndex, RetrievalError, retrieval_metrics
 
 
 def _clusters(n_classes: int = 12, per_class: int = 15, dim: int = 16, noise: float = 0.6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -21,8 +21,8 @@ from pydantic import SecretStr
 
 from tests.conftest import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
 from tests.oss_server import OssTestServer, StoredObject
-from trainer import storage
-from trainer.storage import OssSettings, StorageError, StorageNotFoundError
+from imlt.trainer import storage
+from imlt.trainer.storage import OssSettings, StorageError, StorageNotFoundError
 
 
 @pytest.fixture(params=["local", "memory", "oss"])

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer import storage
-from trainer.distributed import SHARD_META
+from imlt.trainer import storage
+from imlt.trainer.distributed import SHARD_META
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-batch-(\d{6,}))?\.ckpt$")
@@ -89,7 +89,7 @@ def save_checkpoint(url: str, state: dict[str, Any]) -> None:
 
 def load_checkpoint(url: str) -> dict[str, Any]:
     """Read a checkpoint onto the CPU; weights_only refuses anything but tensors and plain data."""
-    from trainer.model import read_state_dict  # the one weights-only loader, with short refusals
+    from imlt.trainer.model import read_state_dict  # the one weights-only loader, with short refusals
 
     try:
         state = read_state_dict(url)

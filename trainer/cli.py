@@ -14,8 +14,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from trainer import steps
-from trainer.config import ConfigError, DataFormat, load_config
+from imlt.trainer import steps
+from imlt.trainer.config import ConfigError, DataFormat, load_config
 
 app = typer.Typer(
     name="imlt",
@@ -38,7 +38,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
 
     from rich.logging import RichHandler
 
-    ours = logging.getLogger("trainer")
+    ours = logging.getLogger("imlt.trainer")
     if not any(isinstance(h, RichHandler) for h in ours.handlers):
         ours.addHandler(RichHandler(console=console, show_path=False))
     # our progress at INFO; libraries (oss2 logs every request, the ONNX exporter every pass) keep
@@ -51,8 +51,8 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
-    from trainer.errors import DataError
-    from trainer.storage import StorageError
+    from imlt.trainer.errors import DataError
+    from imlt.trainer.storage import StorageError
 
     return (DataError, StorageError, ValidationError, ValueError, FileNotFoundError, RuntimeError)
 
@@ -140,7 +140,7 @@ def train(
     master_port: Annotated[Optional[int], typer.Option(help="Rendezvous port on node 0 (multi-node launch; default 29500)")] = None,
 ) -> None:
     """Train a metric model on a read-data dataset folder; several processes run through torchrun."""
-    from trainer import launch
+    from imlt.trainer import launch
 
     overrides = {
         "output_dir": output_dir, "model.backbone": backbone, "data.image_size": image_size,
@@ -193,7 +193,7 @@ def publish(
 @app.command()
 def run(config: Annotated[str, typer.Argument(help="Run file: training config sections + `workdir` + `publish`")]) -> None:
     """All five steps from one run file."""
-    from trainer.pipeline import PipelineConfig, run_pipeline
+    from imlt.trainer.pipeline import PipelineConfig, run_pipeline
 
     pc = _call(PipelineConfig.from_file, config)
     result = _call(run_pipeline, pc, lambda msg: console.print(f"[bold cyan]{msg}[/]"))
@@ -208,7 +208,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed for data and training")] = 0,
 ) -> None:
     """Open-set glyph retrieval end to end: generate data, read, validate, train, evaluate, publish."""
-    from trainer.demo import run_demo
+    from imlt.trainer.demo import run_demo
 
     _call(run_demo, output, epochs, backbone, seed, out)
 
@@ -224,7 +224,7 @@ def k8s_job(
     oss_secret: Annotated[str, typer.Option(help="Secret holding access_key_id / access_key_secret / endpoint")] = "oss-credentials",
 ) -> None:
     """Print the Kubernetes manifest that runs `imlt train` on CONFIG with torchrun on every node."""
-    from trainer.k8s import render_for_cli
+    from imlt.trainer.k8s import render_for_cli
 
     extra = [a for flag, v in (("--train-dataset", train_dataset), ("--val-dataset", val_dataset)) if v for a in (flag, v)]
     out.print(_call(lambda: render_for_cli(config, legacy_pytorchjob, image=image, namespace=namespace,
@@ -238,7 +238,7 @@ def _build(model: type, params: dict[str, Any]) -> Any:
         from pydantic import ValidationError
 
         if isinstance(e, ValidationError):
-            from trainer.config import format_validation_error
+            from imlt.trainer.config import format_validation_error
 
             console.print(f"[bold red]error:[/] {format_validation_error(e)}", highlight=False)
             raise typer.Exit(EXIT_CONFIG) from None

@@ -331,7 +331,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
     if isinstance(source, dict):
         raw = dict(source)
     else:
-        from trainer import storage
+        from imlt.trainer import storage
 
         text = storage.read_text(str(source))
         raw = yaml.safe_load(text) or {}

@@ -14,11 +14,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from trainer import storage
-from trainer.config import validate_config
-from trainer.data.manifest import read_manifest
-from trainer.data.synthetic import generate_glyphs
-from trainer.pipeline import PipelineConfig, PublishSettings, run_pipeline
+from imlt.trainer import storage
+from imlt.trainer.config import validate_config
+from imlt.trainer.data.manifest import read_manifest
+from imlt.trainer.data.synthetic import generate_glyphs
+from imlt.trainer.pipeline import PipelineConfig, PublishSettings, run_pipeline
 
 METRIC_KEYS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r")
 IMAGE_SIZE = 32
@@ -41,9 +41,9 @@ def demo_config(root: Path, epochs: int, backbone: str, seed: int) -> dict:
 def baselines(val_dataset_dir: str, cfg_model: object, seed: int) -> dict[str, dict[str, float]]:
     import torch
 
-    from trainer.evaluate import embed, raw_pixel_embeddings
-    from trainer.model import build_model
-    from trainer.retrieval import retrieval_metrics
+    from imlt.trainer.evaluate import embed, raw_pixel_embeddings
+    from imlt.trainer.model import build_model
+    from imlt.trainer.retrieval import retrieval_metrics
 
     records = read_manifest(val_dataset_dir)
     pixels, labels = raw_pixel_embeddings(records, IMAGE_SIZE)

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from trainer import storage
-from trainer.losses.base import LossOutput
+from imlt.trainer import storage
+from imlt.trainer.losses.base import LossOutput
 
 if TYPE_CHECKING:
-    from trainer.config import LossConfig
+    from imlt.trainer.config import LossConfig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,7 +494,7 @@ def build_model_parallel_loss(
     cfg: LossConfig, num_classes: int, embedding_dim: int, env: DistEnv, *, sample_rate: float = 1.0, seed: int = 0
 ) -> _ModelParallelLoss:
     """The model-parallel loss a config names, with its margin and scale (defaults filled by LossConfig)."""
-    from trainer.config import LossName
+    from imlt.trainer.config import LossName
 
     common = {"weight": cfg.weight, "sample_rate": sample_rate, "seed": seed}
     if cfg.name == LossName.MODEL_PARALLEL_AMSOFTMAX:

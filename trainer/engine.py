@@ -28,7 +28,7 @@ Stopping:
 Several processes (torchrun; `imlt train --nproc-per-node N` starts it, see trainer.launch):
 - `run_training` joins the job's process group (gloo on CPU, nccl on cuda:LOCAL_RANK) for the
   run and leaves it after; nothing joins one at import. Rank and world size come from the
-  variables torchrun sets, so a bare `torchrun -m trainer.cli train ...` in a Kubeflow Trainer
+  variables torchrun sets, so a bare `torchrun -m imlt.trainer.cli train ...` in a Kubeflow Trainer
   pod works unchanged. `compute.nnodes x compute.nproc_per_node` must equal WORLD_SIZE (a
   default 1 x 1 config takes torchrun's shape). compute.mode=distributed, or more than one
   process asked for, without torchrun is refused rather than trained standalone.
@@ -75,9 +75,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from trainer import checkpoint as ckpt
-from trainer import storage
-from trainer.config import (
+from imlt.trainer import checkpoint as ckpt
+from imlt.trainer import storage
+from imlt.trainer.config import (
     ComputeMode,
     ConfigError,
     Device,
@@ -87,8 +87,8 @@ from trainer.config import (
     Scheduler,
     config_diff,
 )
-from trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes, read_manifest
-from trainer.distributed import (
+from imlt.trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes, read_manifest
+from imlt.trainer.distributed import (
     DistEnv,
     barrier,
     destroy_process_group,
@@ -97,10 +97,10 @@ from trainer.distributed import (
     local_device,
     save_sharded,
 )
-from trainer.history import CURVE, EpochMeter, EpochStats, plot_training_curve, write_history
-from trainer.launch import under_torchrun
-from trainer.losses.base import LossOutput
-from trainer.steps import TrainInput, TrainOutput
+from imlt.trainer.history import CURVE, EpochMeter, EpochStats, plot_training_curve, write_history
+from imlt.trainer.launch import under_torchrun
+from imlt.trainer.losses.base import LossOutput
+from imlt.trainer.steps import TrainInput, TrainOutput
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def resolve_compute(cfg: RunConfig, environ: dict[str, str] | None = None) -> Ru
     Refuses, rather than quietly training in one process, a config that asks for several
     processes (compute.mode=distributed, or nnodes x nproc_per_node > 1) in a process torchrun did
     not start: a KFP/Airflow task or a plain `python` call. Under torchrun, a default 1 x 1 config
-    takes torchrun's shape (a bare `torchrun --nproc-per-node 2 -m trainer.cli train ...`); any
+    takes torchrun's shape (a bare `torchrun --nproc-per-node 2 -m imlt.trainer.cli train ...`); any
     other disagreement with WORLD_SIZE is an error, because the config names the run (its hash
     guards resume) and its usage record.
     """
@@ -181,7 +181,7 @@ def resolve_compute(cfg: RunConfig, environ: dict[str, str] | None = None) -> Ru
                 f"compute.nproc_per_node={c.nproc_per_node} x compute.nnodes={c.nnodes} asks for {c.world_size} "
                 "processes, but this one was not started by torchrun; run `imlt train --nproc-per-node "
                 f"{c.nproc_per_node} ...` (it starts torchrun) or `torchrun --nproc-per-node {c.nproc_per_node} "
-                "-m trainer.cli train ...`, or set compute.nproc_per_node=1"
+                "-m imlt.trainer.cli train ...`, or set compute.nproc_per_node=1"
             )
         return cfg
     world = int(env.get("WORLD_SIZE", "1"))
@@ -448,7 +448,7 @@ class Trainer:
     ) -> None:
         """`env`: this process's rank and world size; with several, the process group must be joined
         (run_training does both). Default: a single process."""
-        from trainer.model import build_model
+        from imlt.trainer.model import build_model
 
         if not storage.exists(storage.join(train_dataset, MANIFEST)):
             raise FileNotFoundError(f"train dataset {train_dataset}: no {MANIFEST} (is it a read_data output folder?)")
@@ -529,13 +529,13 @@ class Trainer:
 
     def _build_loss(self) -> nn.Module:
         if self.model_parallel:
-            from trainer.distributed import build_model_parallel_loss
+            from imlt.trainer.distributed import build_model_parallel_loss
 
             # Each rank initialises only its own rows, from a generator seeded by (seed, rank).
             return build_model_parallel_loss(
                 self.cfg.loss, len(self.classes), self.cfg.model.feature_dim, self.env, seed=self.cfg.train.seed
             )
-        from trainer.losses import build_loss
+        from imlt.trainer.losses import build_loss
 
         return build_loss(self.cfg.loss, len(self.classes), self.cfg.model.feature_dim)
 
@@ -572,7 +572,7 @@ class Trainer:
         return getattr(module, "module", module)
 
     def _build_loader(self, records: list[ManifestRecord]) -> tuple[DataLoader, EpochBatches]:
-        from trainer.data.dataset import ImageDataset
+        from imlt.trainer.data.dataset import ImageDataset
 
         t = self.cfg.train
         # Remote (oss://) images are fetched once, then read from a local copy in later epochs.
@@ -583,7 +583,7 @@ class Trainer:
         dataset = ImageDataset(records, self.cfg.data.image_size, train=True, cache_dir=cache_dir)
         inner = None
         if t.m_per_class > 0:
-            from trainer.data.sampler import MPerClassBatchSampler
+            from imlt.trainer.data.sampler import MPerClassBatchSampler
 
             inner = MPerClassBatchSampler(
                 dataset.labels, m=t.m_per_class, batch_size=t.batch_size,
@@ -880,7 +880,7 @@ class Trainer:
         }
 
     def _finish(self) -> TrainOutput:
-        from trainer.model import save_embedding_model
+        from imlt.trainer.model import save_embedding_model
 
         usage = self.usage()
         if self.is_main:

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trainer import storage
-from trainer.data.manifest import ManifestRecord, read_manifest
-from trainer.retrieval import retrieval_metrics
-from trainer.steps import EvaluateInput, EvaluateOutput
+from imlt.trainer import storage
+from imlt.trainer.data.manifest import ManifestRecord, read_manifest
+from imlt.trainer.retrieval import retrieval_metrics
+from imlt.trainer.steps import EvaluateInput, EvaluateOutput
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +29,7 @@ PLOT_FILE = "recall_at_k.png"
 
 def evaluate_model(inp: EvaluateInput) -> EvaluateOutput:
     """Write output_dir/metrics.json and output_dir/recall_at_k.png; return the metrics."""
-    from trainer.model import load_embedding_model
+    from imlt.trainer.model import load_embedding_model
 
     model, cfg = load_embedding_model(inp.model_dir)
     records = read_manifest(inp.dataset_dir)
@@ -44,7 +44,7 @@ def evaluate_model(inp: EvaluateInput) -> EvaluateOutput:
 
 
 def write_metrics(output_dir: str, metrics: dict[str, float], ks: Sequence[int], title: str = "Retrieval") -> None:
-    from trainer.plots import recall_at_k_png
+    from imlt.trainer.plots import recall_at_k_png
 
     storage.write_text(storage.join(output_dir, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
     storage.write_bytes(storage.join(output_dir, PLOT_FILE), recall_at_k_png(metrics, ks, title))
@@ -111,7 +111,7 @@ def _loader(records: list[ManifestRecord], image_size: int, batch_size: int, rea
     import torch
     from torch.utils.data import DataLoader
 
-    from trainer.data.dataset import ImageDataset
+    from imlt.trainer.data.dataset import ImageDataset
 
     return DataLoader(
         ImageDataset(records, image_size, train=False),

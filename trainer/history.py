@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from trainer import storage
+from imlt.trainer import storage
 
 HISTORY = "history.json"
 CURVE = "training_curve.png"

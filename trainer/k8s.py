@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from trainer.config import INSTANCE_TYPES, ComputeConfig, RunConfig, canonical_json
+from imlt.trainer.config import INSTANCE_TYPES, ComputeConfig, RunConfig, canonical_json
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _common(cfg: RunConfig, image: str, command: Sequence[str], resources: dict[
     if not image:
         raise ManifestError("image must be given (the project image every pod runs)")
     if not command:
-        raise ManifestError("command must be given, e.g. ['torchrun', '-m', 'trainer.cli', 'train', '--config', URL]")
+        raise ManifestError("command must be given, e.g. ['torchrun', '-m', 'imlt.trainer.cli', 'train', '--config', URL]")
     res, gpus = node_resources(cfg.compute, resources)
     return list(command), res, gpus
 
@@ -399,7 +399,7 @@ def default_image() -> str:
 
 def default_command(config_url: str, extra_args: Sequence[str] = ()) -> list[str]:
     """torchrun (reading the PET_* variables the operators set) over `imlt train`'s module."""
-    return ["torchrun", "-m", "trainer.cli", "train", "--config", config_url, *extra_args]
+    return ["torchrun", "-m", "imlt.trainer.cli", "train", "--config", config_url, *extra_args]
 
 
 def render_for_cli(
@@ -414,8 +414,8 @@ def render_for_cli(
     """YAML for `imlt k8s-job CONFIG [--legacy-pytorchjob]` (validated when the API package is there)."""
     import yaml
 
-    from trainer import storage
-    from trainer.config import load_config
+    from imlt.trainer import storage
+    from imlt.trainer.config import load_config
 
     cfg = load_config(config_path)
     image = image or default_image()

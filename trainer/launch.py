@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any
 
-from trainer.config import ConfigError, RunConfig
+from imlt.trainer.config import ConfigError, RunConfig
 
 DEFAULT_MASTER_PORT = 29500
 # Flags that say where this node sits in a launch; the workers must not see them again.
@@ -58,7 +58,7 @@ def torchrun_command(
     python: str = sys.executable,
     environ: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """`python -m torch.distributed.run ... -m trainer.cli train TRAIN_ARGS` for this node.
+    """`python -m torch.distributed.run ... -m imlt.trainer.cli train TRAIN_ARGS` for this node.
 
     Several nodes need the node-0 address: from --master-addr or PET_MASTER_ADDR (what the
     Kubeflow operators set); without one, the error points at `imlt k8s-job`.
@@ -83,7 +83,7 @@ def torchrun_command(
             raise ConfigError(f"--node-rank {node_rank} must be in 0..{nnodes - 1} for --nnodes {nnodes}")
         port = master_port or int(env.get("PET_MASTER_PORT", str(DEFAULT_MASTER_PORT)))
         cmd += ["--node-rank", str(node_rank), "--master-addr", master_addr, "--master-port", str(port)]
-    return [*cmd, "-m", "trainer.cli", "train", *train_args]
+    return [*cmd, "-m", "imlt.trainer.cli", "train", *train_args]
 
 
 def run_torchrun(cmd: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
@@ -114,7 +114,7 @@ def cli_args(ctx: Any, drop: frozenset[str] = NODE_FLAGS) -> list[str]:
     """The options a (typer/click) command was given, as arguments again, minus `drop`.
 
     Rebuilt from the parsed parameters rather than sys.argv, so it is right however the command
-    was invoked (`imlt train`, `python -m trainer.cli train`, a test runner). Options left at
+    was invoked (`imlt train`, `python -m imlt.trainer.cli train`, a test runner). Options left at
     their defaults are left out, so a worker parses exactly what the user typed.
     """
     args: list[str] = []

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import storage
-from trainer.config import ModelConfig, RunConfig, timm_name, validate_config
+from imlt.trainer import storage
+from imlt.trainer.config import ModelConfig, RunConfig, timm_name, validate_config
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainer import steps, storage
-from trainer.config import RunConfig, validate_config
+from imlt.trainer import steps, storage
+from imlt.trainer.config import RunConfig, validate_config
 
 
 class PublishSettings(BaseModel):

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from trainer import storage
-from trainer.steps import PublishInput, PublishOutput
+from imlt.trainer import storage
+from imlt.trainer.steps import PublishInput, PublishOutput
 
 if TYPE_CHECKING:
     import torch
@@ -61,8 +61,8 @@ class PublishError(RuntimeError):
 
 def publish_model(inp: PublishInput) -> PublishOutput:
     """Gate on Recall@1, export and check, upload DEST/vN/, then point DEST/latest at it."""
-    from trainer.evaluate import read_metrics
-    from trainer.model import CLASSES, CONFIG, WEIGHTS, load_embedding_model
+    from imlt.trainer.evaluate import read_metrics
+    from imlt.trainer.model import CLASSES, CONFIG, WEIGHTS, load_embedding_model
 
     metrics = read_metrics(inp.metrics_dir) if inp.metrics_dir else None
     refusal = gate_refusal(metrics, inp.min_recall_at_1, inp.metrics_dir)
@@ -307,7 +307,7 @@ def model_card(
 
 
 def _data_summary(dataset_dir: str | None) -> dict[str, Any] | None:
-    from trainer.data.manifest import read_summary
+    from imlt.trainer.data.manifest import read_summary
 
     return read_summary(dataset_dir).model_dump(mode="json") if dataset_dir else None
 

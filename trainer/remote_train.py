@@ -6,7 +6,7 @@ nodes, GPUs the orchestrator's worker does not have):
 1. `prepare_job`: write the resolved config where the pods read it (`{output_dir}/job-config.json`
    by default; oss:// in practice), stage datasets that only exist on this machine next to it,
    and render a Kubeflow Trainer `TrainJob` (or a legacy `PyTorchJob`) whose command is
-   `torchrun -m trainer.cli train --config URL --train-dataset URL ...`.
+   `torchrun -m imlt.trainer.cli train --config URL --train-dataset URL ...`.
 2. Submit it. The job's name is a hash of config, image and command, so a retried task renders
    the same name and re-attaches to the job its first attempt started (trainer.k8s).
 3. Wait: `submit_training` blocks (KFP: the component's pod waits anyway), streaming node 0's
@@ -32,9 +32,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from trainer import k8s, storage
-from trainer.config import RunConfig
-from trainer.steps import RemoteTrainInput, TrainOutput
+from imlt.trainer import k8s, storage
+from imlt.trainer.config import RunConfig
+from imlt.trainer.steps import RemoteTrainInput, TrainOutput
 
 __all__ = [
     "JobRef",
@@ -162,7 +162,7 @@ def stage_datasets(inp: RemoteTrainInput, echo: Echo = print) -> tuple[str, str 
 
 
 def job_command(config_url: str, train_dataset: str, val_dataset: str | None, resume: bool) -> list[str]:
-    """`torchrun -m trainer.cli train --config URL` plus the datasets (and --no-resume)."""
+    """`torchrun -m imlt.trainer.cli train --config URL` plus the datasets (and --no-resume)."""
     args = ["--train-dataset", train_dataset]
     if val_dataset:
         args += ["--val-dataset", val_dataset]

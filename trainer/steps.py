@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainer.config import DataFormat, RunConfig
+from imlt.trainer.config import DataFormat, RunConfig
 
 
 class StepModel(BaseModel):
@@ -43,7 +43,7 @@ class ReadDataOutput(StepModel):
 
 def read_data(inp: ReadDataInput) -> ReadDataOutput:
     """Parse an annotation file into a dataset folder: manifest.jsonl, classes.txt, summary.json."""
-    from trainer.data.reader import build_dataset
+    from imlt.trainer.data.reader import build_dataset
 
     return build_dataset(inp)
 
@@ -70,7 +70,7 @@ class ValidateOutput(StepModel):
 
 def validate(inp: ValidateInput) -> ValidateOutput:
     """Decode every image and check labels; raises DataError (file:line) on fatal problems."""
-    from trainer.data.validation import validate_dataset
+    from imlt.trainer.data.validation import validate_dataset
 
     return validate_dataset(inp)
 
@@ -96,7 +96,7 @@ class TrainOutput(StepModel):
 
 
 def train(inp: TrainInput) -> TrainOutput:
-    from trainer.engine import run_training
+    from imlt.trainer.engine import run_training
 
     return run_training(inp)
 
@@ -128,7 +128,7 @@ class RemoteTrainInput(StepModel):
 
 def train_remote(inp: RemoteTrainInput) -> TrainOutput:
     """Train as a Kubernetes job and wait for it; the same TrainOutput as `train`."""
-    from trainer.remote_train import submit_training
+    from imlt.trainer.remote_train import submit_training
 
     return submit_training(inp)
 
@@ -151,7 +151,7 @@ class EvaluateOutput(StepModel):
 
 
 def evaluate(inp: EvaluateInput) -> EvaluateOutput:
-    from trainer.evaluate import evaluate_model
+    from imlt.trainer.evaluate import evaluate_model
 
     return evaluate_model(inp)
 
@@ -177,6 +177,6 @@ class PublishOutput(StepModel):
 
 
 def publish(inp: PublishInput) -> PublishOutput:
-    from trainer.publish import publish_model
+    from imlt.trainer.publish import publish_model
 
     return publish_model(inp)

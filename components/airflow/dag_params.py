@@ -24,7 +24,7 @@ def slug(text: str) -> str:
 
 def data_params(example_root: str) -> dict[str, Param]:
     """Where the annotations are and how to read them."""
-    from trainer.config import DataFormat
+    from imlt.trainer.config import DataFormat
 
     return {
         "val_annotations": Param(

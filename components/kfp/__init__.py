@@ -9,13 +9,13 @@ from kfp import dsl
 __all__ = ["IMAGE", "evaluate", "import_model", "publish", "read_data", "train", "train_on_kubernetes", "validate"]
 
 # Inside a running component kfp skips its compile-time modules, so dsl.component is missing
-# there; the component bodies import only components.kfp._artifacts and _training, which need none of this.
+# there; the component bodies import only imlt.components.kfp._artifacts and _training, which need none of this.
 if hasattr(dsl, "component"):
-    from components.kfp._image import IMAGE
-    from components.kfp.evaluate import evaluate
-    from components.kfp.import_model import import_model
-    from components.kfp.publish import publish
-    from components.kfp.read_data import read_data
-    from components.kfp.train import train
-    from components.kfp.train_k8s import train_on_kubernetes
-    from components.kfp.validate import validate
+    from imlt.components.kfp._image import IMAGE
+    from imlt.components.kfp.evaluate import evaluate
+    from imlt.components.kfp.import_model import import_model
+    from imlt.components.kfp.publish import publish
+    from imlt.components.kfp.read_data import read_data
+    from imlt.components.kfp.train import train
+    from imlt.components.kfp.train_k8s import train_on_kubernetes
+    from imlt.components.kfp.validate import validate

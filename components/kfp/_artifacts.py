@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from trainer import storage
+from imlt.trainer import storage
 
 
 def png_urls(folder: str) -> list[str]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.kfp import _artifacts
-from trainer import storage
-from trainer.config import RunConfig, load_config
-from trainer.steps import TrainOutput
+from imlt.components.kfp import _artifacts
+from imlt.trainer import storage
+from imlt.trainer.config import RunConfig, load_config
+from imlt.trainer.steps import TrainOutput
 
 # component input -> RunConfig field
 CONFIG_FIELDS = {

@@ -4,7 +4,7 @@ from typing import List
 
 from kfp import dsl
 
-from components.kfp._image import IMAGE
+from imlt.components.kfp._image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -31,8 +31,8 @@ def evaluate(
         recall_plot: Recall@K curve and the metric table.
         Output: Recall@1, for gating the publish step with dsl.If.
     """
-    from components.kfp import _artifacts
-    from trainer import steps
+    from imlt.components.kfp import _artifacts
+    from imlt.trainer import steps
 
     out = steps.evaluate(steps.EvaluateInput(
         model_dir=model.path,

@@ -6,7 +6,7 @@ its own object stores (gs://, s3://, minio://), and published models live on OSS
 
 from kfp import dsl
 
-from components.kfp._image import IMAGE
+from imlt.components.kfp._image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -19,7 +19,7 @@ def import_model(model_url: str, model: dsl.Output[dsl.Model]):
     Returns:
         model: The copied model folder; its metadata records model_url.
     """
-    from trainer import storage
+    from imlt.trainer import storage
 
     storage.download_dir(model_url, model.path)
     model.metadata["uri"] = model_url

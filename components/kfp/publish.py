@@ -4,7 +4,7 @@ from typing import Optional
 
 from kfp import dsl
 
-from components.kfp._image import IMAGE
+from imlt.components.kfp._image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -32,7 +32,7 @@ def publish(
     Returns:
         published_model: A copy of the published version folder; its metadata holds the version, its URL and the metrics.
     """
-    from trainer import steps, storage
+    from imlt.trainer import steps, storage
 
     out = steps.publish(steps.PublishInput(
         model_dir=model.path,

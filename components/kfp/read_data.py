@@ -4,7 +4,7 @@ from typing import Optional
 
 from kfp import dsl
 
-from components.kfp._image import IMAGE
+from imlt.components.kfp._image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -36,7 +36,7 @@ def read_data(
     Returns:
         dataset: The dataset folder: manifest.jsonl (image URL, label ids, source file:line), classes.txt, summary.json.
     """
-    from trainer import steps
+    from imlt.trainer import steps
 
     out = steps.read_data(steps.ReadDataInput(
         output_dir=dataset.path,

@@ -10,7 +10,7 @@ from typing import Optional
 
 from kfp import dsl
 
-from components.kfp._image import IMAGE
+from imlt.components.kfp._image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -89,8 +89,8 @@ def train(
         training_curve: Loss (and validation Recall@1) per epoch.
     """
     params = dict(locals())  # the inputs above, for the shared config builder
-    from components.kfp import _training
-    from trainer import steps
+    from imlt.components.kfp import _training
+    from imlt.trainer import steps
 
     config = _training.run_config(params, output_dir or model.path)
     out = steps.train(steps.TrainInput(

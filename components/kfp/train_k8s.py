@@ -19,7 +19,7 @@ from typing import Optional
 
 from kfp import dsl
 
-from components.kfp._image import IMAGE
+from imlt.components.kfp._image import IMAGE
 
 
 @dsl.component(
@@ -117,8 +117,8 @@ def train_on_kubernetes(
         training_curve: Loss per epoch.
     """
     params = dict(locals())  # the inputs above, for the shared config builder
-    from components.kfp import _training
-    from trainer import remote_train, steps
+    from imlt.components.kfp import _training
+    from imlt.trainer import remote_train, steps
 
     if not output_dir:
         raise ValueError("train_on_kubernetes needs output_dir: an oss:// folder the job's pods write the model to "

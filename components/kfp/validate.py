@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components.kfp._image import IMAGE
+from imlt.components.kfp._image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -28,8 +28,8 @@ def validate(
         validation: Folder with validation.json (every finding with its file:line) and report.html.
         report: The human-readable validation report.
     """
-    from components.kfp import _artifacts
-    from trainer import steps
+    from imlt.components.kfp import _artifacts
+    from imlt.trainer import steps
 
     out = steps.validate(steps.ValidateInput(
         dataset_dir=dataset.path,

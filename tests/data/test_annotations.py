@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import DataFormat, RunConfig
-from trainer.data.annotations import (
+from imlt.trainer.config import DataFormat, RunConfig
+from imlt.trainer.data.annotations import (
     default_data_root,
     parse_annotations,
     parse_image_list,
@@ -17,8 +17,8 @@ from trainer.data.annotations import (
     PathError,
     stage_rank,
 )
-from trainer.data.classes import load_class_names, resolve_labels
-from trainer.errors import DataError
+from imlt.trainer.data.classes import load_class_names, resolve_labels
+from imlt.trainer.errors import DataError
 
 ROOT = "/data/root"
 OSS_ROOT = "oss://bkt/set"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.data.conftest import image_bytes
-from trainer.config import DataFormat
-from trainer.data.manifest import read_classes, read_manifest, read_summary
-from trainer.errors import DataError
-from trainer.steps import ReadDataInput, ValidateInput, read_data, validate
+from imlt.trainer.config import DataFormat
+from imlt.trainer.data.manifest import read_classes, read_manifest, read_summary
+from imlt.trainer.errors import DataError
+from imlt.trainer.steps import ReadDataInput, ValidateInput, read_data, validate
 
 
 def write(path: Path, text: str) -> str:
@@ -266,7 +266,7 @@ def test_validate_needs_a_dataset_folder(tmp_path: Path) -> None:
 
 
 def test_report_of_many_classes_shows_the_size_distribution() -> None:
-    from trainer.data.report import MAX_BARS, class_chart_svg
+    from imlt.trainer.data.report import MAX_BARS, class_chart_svg
 
     per_class = {f"c{i}": 1 + i % 7 for i in range(MAX_BARS * 3)}
     svg = class_chart_svg(per_class)
@@ -278,7 +278,7 @@ def test_report_of_many_classes_shows_the_size_distribution() -> None:
 
 
 def test_read_and_validate_on_oss(oss_server, tmp_path: Path) -> None:
-    from trainer import storage
+    from imlt.trainer import storage
 
     for i, name in enumerate(["a0", "a1", "b0", "b1"]):
         storage.write_bytes(oss_server.url(f"set/img/{name}.png"), image_bytes(seed=i))

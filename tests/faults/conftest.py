@@ -55,7 +55,7 @@ def imlt(*args: str) -> Ran:
     """Run `imlt ARGS` in this process (typer's runner); output is not wrapped at 80 columns."""
     from typer.testing import CliRunner
 
-    from trainer import cli
+    from imlt.trainer import cli
 
     soft = cli.console.soft_wrap
     cli.console.soft_wrap = True  # as on a wide terminal: messages keep their lines for the asserts
@@ -76,7 +76,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def imlt_cmd(*args: str, prelude: str = "") -> list[str]:
     """A real `imlt` process; `prelude` is Python run first (e.g. a resource limit or DEBUG logging)."""
-    code = f"{prelude}\nimport sys\nfrom trainer.cli import app\nsys.argv[0] = 'imlt'\napp()"
+    code = f"{prelude}\nimport sys\nfrom imlt.trainer.cli import app\nsys.argv[0] = 'imlt'\napp()"
     return [sys.executable, "-c", code, *[str(a) for a in args]]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import imlt, png_bytes, write_text
-from trainer.data.manifest import read_classes, read_manifest
+from imlt.trainer.data.manifest import read_classes, read_manifest
 
 CLEAN = "img/a0.png cat\nimg/a1.png cat\nimg/b0.png dog\nimg/b1.png dog\n"
 
@@ -63,7 +63,7 @@ def test_rejected_annotation_files_name_file_and_line_and_write_nothing(
 
 
 def test_absolute_local_path_in_an_oss_annotation_file(oss_server, tmp_path: Path) -> None:
-    from trainer import storage
+    from imlt.trainer import storage
 
     storage.write_bytes(oss_server.url("set/img/a0.png"), png_bytes((200, 0, 0), seed=0))
     ann = oss_server.url("set/ann.txt")

@@ -57,7 +57,7 @@ model: {{backbone: resnet18, backbone_feature_dim: 2048}}
 
 
 def test_num_classes_against_the_dataset_is_refused_before_any_image_is_read(oss_server, dataset: str) -> None:
-    from trainer import storage
+    from imlt.trainer import storage
 
     storage.upload_dir(dataset, oss_server.url("datasets/train"))  # classes.txt lists 4 classes
     oss_server.calls.clear()

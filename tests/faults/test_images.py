@@ -74,7 +74,7 @@ def test_unreadable_images_fail_validate_naming_each_line(tmp_path: Path) -> Non
 
 
 def test_unusual_modes_are_converted_not_failed(tmp_path: Path) -> None:
-    from trainer.data.dataset import ImageDataset
+    from imlt.trainer.data.dataset import ImageDataset
 
     grey = np.full((8, 8), 77, np.uint8)
     clear = np.zeros((8, 8, 4), np.uint8)  # fully transparent black: must come out white, not black
@@ -99,7 +99,7 @@ def test_unusual_modes_are_converted_not_failed(tmp_path: Path) -> None:
     assert set(report["counts"]["modes"]) == {"RGB", "L", "I;16", "RGBA", "CMYK", "P"}
     assert sum("converted to RGB when loaded" in w["message"] for w in report["warnings"]) == 5
 
-    from trainer.data.manifest import read_manifest
+    from imlt.trainer.data.manifest import read_manifest
 
     records = read_manifest(str(ds))
     pixels = ImageDataset(records, 8, train=False, transform=lambda im: np.asarray(im))
@@ -172,8 +172,8 @@ def test_huge_image_is_refused_by_validate_fast_and_without_decoding(huge_png: P
 
 _DATASET_CHILD = """
 import json, resource, sys
-from trainer.data.dataset import ImageDataset
-from trainer.data.manifest import ManifestRecord
+from imlt.trainer.data.dataset import ImageDataset
+from imlt.trainer.data.manifest import ManifestRecord
 small, huge = sys.argv[1], sys.argv[2]
 records = [ManifestRecord(uri=small, labels=[0], source="ann.txt:1"), ManifestRecord(uri=huge, labels=[0], source="ann.txt:2")]
 ds = ImageDataset(records, 16, train=True)

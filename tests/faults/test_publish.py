@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
 from tests.faults.conftest import imlt, imlt_cmd, subprocess_env
-from trainer import storage
+from imlt.trainer import storage
 
 VERSION_FILES = {".reserved", "MODEL_CARD.md", "classes.txt", "config.json", "model.onnx", "model.safetensors",
                  "model.ts", "model_card.json"}
@@ -75,8 +75,8 @@ def test_publisher_killed_before_latest_moves_leaves_the_previous_version_served
 
     assert latest(dest)["version"] == 1  # consumers still get v1 ...
     assert_complete_version(dest, 1)  # ... complete and intact
-    from trainer.model import load_embedding_model
-    from trainer.publish import resolve_published
+    from imlt.trainer.model import load_embedding_model
+    from imlt.trainer.publish import resolve_published
 
     assert resolve_published(dest) == storage.join(dest, "v1")
     load_embedding_model(resolve_published(dest))
@@ -128,7 +128,7 @@ def test_two_concurrent_publishers_never_corrupt_latest(oss_server, trained) -> 
 
 
 def test_below_the_gate_writes_nothing(oss_server, trained, tmp_path: Path) -> None:
-    from trainer.evaluate import write_metrics
+    from imlt.trainer.evaluate import write_metrics
 
     model_dir, _ = trained
     metrics = str(tmp_path / "metrics")

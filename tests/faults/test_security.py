@@ -37,7 +37,7 @@ def leaks(blob: bytes) -> list[str]:
 @pytest.fixture
 def sts_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OssTestServer]:
     """An OSS test server that only accepts the fake STS credentials above (from the environment)."""
-    from trainer import storage
+    from imlt.trainer import storage
 
     with OssTestServer(FAKE_KEY_ID, FAKE_SECRET, security_token=FAKE_TOKEN) as server:
         server.create_bucket("secure-bucket")
@@ -55,7 +55,7 @@ def sts_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OssTestServer]:
 
 
 def upload_colour_split(server: OssTestServer, local: Path, split: str) -> str:
-    from trainer import storage
+    from imlt.trainer import storage
 
     lines = write_colour_images(local / split, per_class=4)
     storage.upload_dir(local / split, server.url(f"data/{split}"))
@@ -78,7 +78,7 @@ _DEBUG_LOGGING = "import logging\nlogging.basicConfig(level=logging.DEBUG)"
 
 @pytest.mark.slow
 def test_full_run_on_oss_leaks_no_credential(sts_server: OssTestServer, tmp_path: Path) -> None:
-    from trainer import storage
+    from imlt.trainer import storage
 
     train_ann = upload_colour_split(sts_server, tmp_path / "src", "train")
     val_ann = upload_colour_split(sts_server, tmp_path / "src", "val")
@@ -120,7 +120,7 @@ def test_kfp_pipeline_on_oss_leaks_no_credential_into_artifacts(
 ) -> None:
     from kfp import local
 
-    from pipelines.training import training_pipeline
+    from imlt.pipelines.training import training_pipeline
 
     train_ann = upload_colour_split(sts_server, tmp_path / "src", "train")
     val_ann = upload_colour_split(sts_server, tmp_path / "src", "val")
@@ -180,8 +180,8 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_on_resume(dataset: str
 
 
 def test_a_pickle_bearing_pretrained_file_is_refused(dataset: str, tmp_path: Path) -> None:
-    from trainer.config import ModelConfig
-    from trainer.model import build_model
+    from imlt.trainer.config import ModelConfig
+    from imlt.trainer.model import build_model
 
     marker = tmp_path / "pwned"
     weights = tmp_path / "pretrained.pth"

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
 from tests.faults.conftest import imlt, imlt_cmd, png_bytes, subprocess_env
-from trainer import storage
+from imlt.trainer import storage
 
 
 def put_small_set(oss_server, n: int = 4) -> str:
@@ -69,7 +69,7 @@ def test_unreachable_endpoint_is_retried_with_backoff_then_fails_clearly(
 ) -> None:
     endpoint = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("OSS_ENDPOINT", endpoint)
-    caplog.set_level(logging.WARNING, logger="trainer.storage")
+    caplog.set_level(logging.WARNING, logger="imlt.trainer.storage")
     ann = oss_server.url("set/ann.txt")
     start = time.monotonic()
     ran = imlt("read-data", "--annotations", ann, "--output-dir", tmp_path / "ds")
@@ -141,7 +141,7 @@ def test_failed_multipart_upload_is_aborted_and_leaves_no_object(
 
 
 _SLOW_MULTIPART = """
-from trainer import storage
+from imlt.trainer import storage
 storage.oss.MULTIPART_THRESHOLD, storage.oss.PART_SIZE, storage.oss.RETRY_BASE_DELAY = 300 * 1024, 100 * 1024, 2.0
 """
 
@@ -165,7 +165,7 @@ def test_killed_multipart_upload_leaves_no_visible_object(oss_server, tmp_path: 
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    from trainer.data.reader import cache_name
+    from imlt.trainer.data.reader import cache_name
 
     assert len(oss_server.uploads) == 1  # started, never completed: its parts are not an object
     big = f"ds/images/{cache_name(oss_server.url('set/img/0.png'))}"

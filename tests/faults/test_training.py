@@ -23,14 +23,14 @@ from tests.faults.conftest import STEPS_PER_EPOCH, checkpoints, imlt, imlt_cmd, 
 
 
 def load_checkpoint(path: Path) -> dict:
-    from trainer import checkpoint as ckpt
+    from imlt.trainer import checkpoint as ckpt
 
     return ckpt.load_checkpoint(str(path))
 
 
 def latest_checkpoint(output_dir: Path) -> Path:
     """The furthest-along checkpoint by (epoch, batch), as the trainer orders them (not by name)."""
-    from trainer import checkpoint as ckpt
+    from imlt.trainer import checkpoint as ckpt
 
     return Path(ckpt.latest_checkpoint(str(output_dir / "checkpoints")))
 
@@ -52,7 +52,7 @@ def poisoned_forward(after_steps: int, value: float) -> Iterator[None]:
     """
     import torch
 
-    from trainer.model import EmbeddingModel
+    from imlt.trainer.model import EmbeddingModel
 
     calls = [0]
 
@@ -109,7 +109,7 @@ def test_diverging_learning_rate_stops_at_the_first_bad_step(dataset: str, tmp_p
 # machine) until the test has sent SIGTERM, so the signal lands mid-epoch every time.
 _PAUSE = """
 import os, time, torch
-from trainer.model import EmbeddingModel
+from imlt.trainer.model import EmbeddingModel
 paused, release, calls = os.environ["PAUSED_MARKER"], os.environ["RELEASE_MARKER"], [0]
 def hold(module, args):
     if isinstance(module, EmbeddingModel) and module.training:

@@ -19,9 +19,9 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from trainer import storage
-from trainer.config import DataFormat
-from trainer.errors import Problem
+from imlt.trainer import storage
+from imlt.trainer.config import DataFormat
+from imlt.trainer.errors import Problem
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from trainer import storage
-from trainer.config import looks_like_path  # the same path-or-inline rule RunConfig applies
-from trainer.data.annotations import ParseResult, iter_lines
-from trainer.errors import DataError, Problem
+from imlt.trainer import storage
+from imlt.trainer.config import looks_like_path  # the same path-or-inline rule RunConfig applies
+from imlt.trainer.data.annotations import ParseResult, iter_lines
+from imlt.trainer.errors import DataError, Problem
 
 _INDEX = re.compile(r"[0-9]+")  # not str.isdigit(): that accepts '²' and other digit forms
 INLINE = "class_names"

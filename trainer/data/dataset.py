@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from trainer import storage
-from trainer.data.manifest import ManifestRecord
-from trainer.data.transforms import build_eval_transform, build_train_transform
+from imlt.trainer import storage
+from imlt.trainer.data.manifest import ManifestRecord
+from imlt.trainer.data.transforms import build_eval_transform, build_train_transform
 
 
 class ImageDataset(torch.utils.data.Dataset):

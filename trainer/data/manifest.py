@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from trainer import storage
+from imlt.trainer import storage
 
 MANIFEST = "manifest.jsonl"
 CLASSES = "classes.txt"

@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from trainer import storage
-from trainer.data.annotations import ParseResult, normalize_root, parse_annotations
-from trainer.data.classes import load_class_names, resolve_labels
-from trainer.data.manifest import DatasetSummary, ManifestRecord, write_dataset
-from trainer.errors import DataError, Problem, parse_source
-from trainer.steps import ReadDataInput, ReadDataOutput
+from imlt.trainer import storage
+from imlt.trainer.data.annotations import ParseResult, normalize_root, parse_annotations
+from imlt.trainer.data.classes import load_class_names, resolve_labels
+from imlt.trainer.data.manifest import DatasetSummary, ManifestRecord, write_dataset
+from imlt.trainer.errors import DataError, Problem, parse_source
+from imlt.trainer.steps import ReadDataInput, ReadDataOutput
 
 log = logging.getLogger(__name__)
 

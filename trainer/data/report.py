@@ -11,7 +11,7 @@ import html
 import io
 import warnings
 
-from trainer.data.validation import ProblemEntry, ValidationResult
+from imlt.trainer.data.validation import ProblemEntry, ValidationResult
 
 MAX_ROWS = 500  # problems listed per table; the rest are counted (all are in validation.json)
 MAX_BARS = 60  # above this many classes the chart shows the distribution of class sizes

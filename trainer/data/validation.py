@@ -20,11 +20,11 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationError
 from tqdm import tqdm
 
-from trainer import storage
-from trainer.data.annotations import normalize_root
-from trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes
-from trainer.errors import DataError, Problem, parse_source
-from trainer.steps import ValidateInput, ValidateOutput
+from imlt.trainer import storage
+from imlt.trainer.data.annotations import normalize_root
+from imlt.trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes
+from imlt.trainer.errors import DataError, Problem, parse_source
+from imlt.trainer.steps import ValidateInput, ValidateOutput
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def validate_dataset(inp: ValidateInput) -> ValidateOutput:
         errors=[ProblemEntry(**p.to_dict()) for p in errors],
         warnings=[ProblemEntry(**p.to_dict()) for p in warns],
     )
-    from trainer.data.report import render_html  # matplotlib is only needed here
+    from imlt.trainer.data.report import render_html  # matplotlib is only needed here
 
     report_url = storage.join(out_dir, REPORT_HTML)
     storage.write_text(storage.join(out_dir, VALIDATION_JSON), result.model_dump_json(indent=2))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.losses.base import MetricLoss
+from imlt.trainer.losses.base import MetricLoss
 
 
 class AMSoftmaxLoss(MetricLoss):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pytorch_metric_learning import losses as pml_losses
 
-from trainer.losses.pml_margin_loss import PMLMarginLoss
+from imlt.trainer.losses.pml_margin_loss import PMLMarginLoss
 
 
 class CosFaceLoss(PMLMarginLoss):

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from trainer.losses.base import MetricLoss
+from imlt.trainer.losses.base import MetricLoss
 
 
 class PMLMarginLoss(MetricLoss):

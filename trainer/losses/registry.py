@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from trainer.config import MODEL_PARALLEL_LOSSES, ConfigError, LossConfig, LossName
-from trainer.losses.am_softmax_loss import AMSoftmaxLoss
-from trainer.losses.arcface_loss import ArcFaceLoss
-from trainer.losses.base import MetricLoss
-from trainer.losses.cosface_loss import CosFaceLoss
-from trainer.losses.large_margin_softmax_loss import LargeMarginSoftmaxLoss
-from trainer.losses.sphereface_loss import SphereFaceLoss
+from imlt.trainer.config import MODEL_PARALLEL_LOSSES, ConfigError, LossConfig, LossName
+from imlt.trainer.losses.am_softmax_loss import AMSoftmaxLoss
+from imlt.trainer.losses.arcface_loss import ArcFaceLoss
+from imlt.trainer.losses.base import MetricLoss
+from imlt.trainer.losses.cosface_loss import CosFaceLoss
+from imlt.trainer.losses.large_margin_softmax_loss import LargeMarginSoftmaxLoss
+from imlt.trainer.losses.sphereface_loss import SphereFaceLoss
 
 LOSSES: dict[LossName, type[MetricLoss]] = {
     LossName.AMSOFTMAX: AMSoftmaxLoss,

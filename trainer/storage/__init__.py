@@ -34,10 +34,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TypeVar
 
-from trainer.storage.errors import StorageError, StorageNotFoundError
-from trainer.storage.fsspec_backend import _fs, _fs_errors, _fs_list_relative
-from trainer.storage.local import _TMP_SUFFIX, _local_errors, _local_list_relative, _local_write
-from trainer.storage.oss import (
+from imlt.trainer.storage.errors import StorageError, StorageNotFoundError
+from imlt.trainer.storage.fsspec_backend import _fs, _fs_errors, _fs_list_relative
+from imlt.trainer.storage.local import _TMP_SUFFIX, _local_errors, _local_list_relative, _local_write
+from imlt.trainer.storage.oss import (
     OssSettings,
     _oss_create_exclusive,
     _oss_delete,
@@ -50,8 +50,8 @@ from trainer.storage.oss import (
     current_oss_settings,
     reset_clients,
 )
-from trainer.storage.redact import scrub
-from trainer.storage.urls import _check_range, _is_oss, _local, is_local, join
+from imlt.trainer.storage.redact import scrub
+from imlt.trainer.storage.urls import _check_range, _is_oss, _local, is_local, join
 
 __all__ = [
     "OssSettings",

@@ -9,8 +9,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from trainer.storage.errors import StorageError, StorageNotFoundError
-from trainer.storage.redact import scrub
+from imlt.trainer.storage.errors import StorageError, StorageNotFoundError
+from imlt.trainer.storage.redact import scrub
 
 
 def _fs(url: str) -> tuple[Any, str]:

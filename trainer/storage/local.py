@@ -8,8 +8,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.storage.errors import StorageError, StorageNotFoundError
-from trainer.storage.urls import _local
+from imlt.trainer.storage.errors import StorageError, StorageNotFoundError
+from imlt.trainer.storage.urls import _local
 
 _TMP_SUFFIX = ".imlt-tmp"  # marks in-progress local writes; list_files skips them
 

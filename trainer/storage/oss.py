@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from trainer.storage.errors import StorageError, StorageNotFoundError
-from trainer.storage.redact import _REDACT_FILTER, _remember_secrets, scrub
+from imlt.trainer.storage.errors import StorageError, StorageNotFoundError
+from imlt.trainer.storage.redact import _REDACT_FILTER, _remember_secrets, scrub
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trainer.storage.oss import OssSettings  # oss imports this module: no runtime import back
+    from imlt.trainer.storage.oss import OssSettings  # oss imports this module: no runtime import back
 
 _secrets_lock = threading.Lock()  # separate from oss._lock: scrub() runs inside logging calls
 _secret_values: set[str] = set()  # every credential string seen, for scrubbing

@@ -1,3 +1,3 @@
-from components.airflow.hooks.oss import ImltOssHook
+from imlt.components.airflow.hooks.oss import ImltOssHook
 
 __all__ = ["ImltOssHook"]

@@ -16,7 +16,7 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException
 
 if TYPE_CHECKING:
-    from trainer.storage import OssSettings
+    from imlt.trainer.storage import OssSettings
 
 
 class ImltOssHook(BaseHook):
@@ -33,7 +33,7 @@ class ImltOssHook(BaseHook):
     @cached_property
     def settings(self) -> OssSettings:
         """The connection as OssSettings; raises AirflowNotFoundException if it is not defined."""
-        from trainer.storage import OssSettings
+        from imlt.trainer.storage import OssSettings
 
         conn = self.get_connection(self.oss_conn_id)
         extra = conn.extra_dejson
@@ -68,7 +68,7 @@ class ImltOssHook(BaseHook):
         `required`: then the storage layer's own defaults (OSS_* environment variables) apply,
         which is what a deployment without OSS paths wants.
         """
-        from trainer.storage import configure_oss
+        from imlt.trainer.storage import configure_oss
 
         try:
             settings = self.settings

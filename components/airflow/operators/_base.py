@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from components.airflow.hooks.oss import ImltOssHook
+from imlt.components.airflow.hooks.oss import ImltOssHook
 
 
 class ImltStepOperator(BaseOperator):
@@ -52,9 +52,9 @@ class ImltStepOperator(BaseOperator):
         """
         from pydantic import ValidationError
 
-        from trainer import steps
-        from trainer.config import ConfigError
-        from trainer.errors import DataError
+        from imlt.trainer import steps
+        from imlt.trainer.config import ConfigError
+        from imlt.trainer.errors import DataError
 
         if self.hook is not None:
             self.hook.configure_storage(required=self.oss_conn_id != ImltOssHook.default_conn_name)

@@ -8,7 +8,7 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowSkipException
 
-from components.airflow.operators._base import ImltStepOperator
+from imlt.components.airflow.operators._base import ImltStepOperator
 
 
 class PublishModelOperator(ImltStepOperator):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from components.airflow.operators._base import ImltStepOperator
+from imlt.components.airflow.operators._base import ImltStepOperator
 
 
 class TrainMetricModelOperator(ImltStepOperator):
@@ -49,7 +49,7 @@ class TrainMetricModelOperator(ImltStepOperator):
         self.resume = resume
 
     def step_fields(self) -> dict[str, Any]:
-        from trainer.config import load_config
+        from imlt.trainer.config import load_config
 
         return {
             "config": load_config(self.config, self.overrides),

@@ -14,8 +14,8 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from components.airflow.operators.train import TrainMetricModelOperator
-from components.airflow.triggers.train_job import TrainJobTrigger
+from imlt.components.airflow.operators.train import TrainMetricModelOperator
+from imlt.components.airflow.triggers.train_job import TrainJobTrigger
 
 
 class KubernetesTrainMetricModelOperator(TrainMetricModelOperator):
@@ -75,8 +75,8 @@ class KubernetesTrainMetricModelOperator(TrainMetricModelOperator):
         """The RemoteTrainInput of this task; bad input fails the task without retries."""
         from pydantic import ValidationError
 
-        from trainer.config import ConfigError
-        from trainer.steps import RemoteTrainInput
+        from imlt.trainer.config import ConfigError
+        from imlt.trainer.steps import RemoteTrainInput
 
         if self.hook is not None:  # the config is written to (and the model read from) OSS here too
             self.hook.configure_storage(required=self.oss_conn_id != self.hook.default_conn_name)
@@ -91,12 +91,12 @@ class KubernetesTrainMetricModelOperator(TrainMetricModelOperator):
             raise AirflowFailException(f"{self.task_id}: {e}") from e
 
     def kube_clients(self) -> tuple[Any, Any]:
-        from trainer import remote_train
+        from imlt.trainer import remote_train
 
         return remote_train.kube_clients(self.kube_config_file, self.kube_context)
 
     def execute(self, context: Context) -> Any:
-        from trainer import remote_train
+        from imlt.trainer import remote_train
 
         inp = self.remote_input()
         api, _ = self.kube_clients()
@@ -112,7 +112,7 @@ class KubernetesTrainMetricModelOperator(TrainMetricModelOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Back from the trigger: show node 0's log tail; fail with the job's message, or collect the model."""
-        from trainer import remote_train
+        from imlt.trainer import remote_train
 
         what = f"{'PyTorchJob' if self.legacy_pytorchjob else 'TrainJob'} {event.get('namespace')}/{event.get('name')}"
         if event.get("log_tail"):
@@ -129,7 +129,7 @@ class KubernetesTrainMetricModelOperator(TrainMetricModelOperator):
         """Killed before deferring (while submitting): delete the job. While deferred, the trigger's on_kill does."""
         if self._job is None:
             return
-        from trainer import remote_train
+        from imlt.trainer import remote_train
 
         name, namespace = self._job
         api, _ = self.kube_clients()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from components.airflow.operators._base import ImltStepOperator
+from imlt.components.airflow.operators._base import ImltStepOperator
 
 
 class ValidateAnnotationsOperator(ImltStepOperator):

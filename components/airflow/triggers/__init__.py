@@ -1,5 +1,5 @@
 """Triggers: waits that run in Airflow's triggerer instead of holding a worker slot."""
 
-from components.airflow.triggers.train_job import TrainJobTrigger
+from imlt.components.airflow.triggers.train_job import TrainJobTrigger
 
 __all__ = ["TrainJobTrigger"]

@@ -72,13 +72,13 @@ class TrainJobTrigger(BaseTrigger):
         return f"{kind} {self.namespace}/{self.name}"
 
     def _event(self, status: str, message: str, log: str) -> TriggerEvent:
-        from trainer.remote_train import tail
+        from imlt.trainer.remote_train import tail
 
         return TriggerEvent({"status": status, "message": message, "name": self.name, "namespace": self.namespace,
                              "log_tail": tail(log, self.log_lines)})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from trainer import k8s, remote_train
+        from imlt.trainer import k8s, remote_train
 
         api, core = await asyncio.to_thread(remote_train.kube_clients, self.kube_config_file, self.kube_context)
         legacy = self.legacy_pytorchjob
@@ -110,7 +110,7 @@ class TrainJobTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """The task was killed while deferred (mark failed, clear): do not leave the job holding nodes."""
-        from trainer import remote_train
+        from imlt.trainer import remote_train
 
         api, _ = await asyncio.to_thread(remote_train.kube_clients, self.kube_config_file, self.kube_context)
         deleted = await asyncio.to_thread(remote_train.delete_job, self.name, self.namespace, api,
