@@ -308,6 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.method, self.bucket, self.key, self.query = method, bucket, key, query
 
         fault = self.oss._take_fault(op, key)
+        self._reset_pending = False
         if fault is not None and fault.kind == "fail":
             self._error(OssError(fault.status, fault.code, "Injected failure."))
             return

@@ -74,12 +74,12 @@ def test_zero_init_last_false_spreads_untrained_embeddings() -> None:
     # blocks map everything to nearly one point; the untrained baseline needs zero_init_last=False.
     import random
 
-    from imlt.trainer.data.synthetic import FONT_FILES, _font_dir, render_glyph
+    from imlt.trainer.data.synthetic import FONT_FILES, font_dir, render_glyph
     from imlt.trainer.data.transforms import build_eval_transform
 
     rng, to_tensor = random.Random(0), build_eval_transform(32)
     x = torch.stack([
-        to_tensor(render_glyph(c, _font_dir() / FONT_FILES[i % len(FONT_FILES)], 32, rng).convert("RGB"))
+        to_tensor(render_glyph(c, font_dir() / FONT_FILES[i % len(FONT_FILES)], 32, rng).convert("RGB"))
         for i, c in enumerate("ABCDEFGHIJKLMNOP")
     ])
     nn_cos = {}

@@ -111,29 +111,6 @@ def test_upload_download_dir_round_trip(base_url: str, tmp_path: Path) -> None:
     assert got == contents
 
 
-def test_open_local_and_staging_dir(base_url: str) -> None:
-    url = storage.join(base_url, "weights.safetensors")
-    storage.write_bytes(url, b"weights")
-    with storage.open_local(url) as path:
-        assert path.name == "weights.safetensors"
-        assert path.read_bytes() == b"weights"
-    if not storage.is_local(url):
-        assert not path.exists()  # the temp copy is gone
-    with pytest.raises(StorageNotFoundError):
-        with storage.open_local(storage.join(base_url, "nope.pt")):
-            pass
-
-    out = storage.join(base_url, "staged")
-    with storage.local_staging_dir(out) as d:
-        (d / "card.md").write_text("card")
-    assert storage.read_text(storage.join(out, "card.md")) == "card"
-    with pytest.raises(RuntimeError):
-        with storage.local_staging_dir(storage.join(base_url, "failed")) as d:
-            (d / "x").write_text("x")
-            raise RuntimeError("exporter crashed")
-    assert not storage.exists(storage.join(base_url, "failed"))
-
-
 def test_read_text_rejects_non_utf8(base_url: str) -> None:
     url = storage.join(base_url, "bin.txt")
     storage.write_bytes(url, b"ok\xff\xfe")
@@ -374,3 +351,22 @@ def test_create_exclusive_claims_a_name_once(backend: str, tmp_path, request) ->
     assert storage.create_exclusive(url, b"first") is True
     assert storage.create_exclusive(url, b"second") is False
     assert storage.read_bytes(url) == b"first"
+
+
+def test_exclusive_create_decides_on_the_oss_error_code(oss_server: OssTestServer) -> None:
+    url = oss_server.url("claims/v2/.reserved")
+    oss_server.fail_next(1, op="PutObject", status=409, code="FileAlreadyExists")  # message: "Injected failure."
+    assert storage.create_exclusive(url, b"x") is False
+    oss_server.fail_next(1, op="PutObject", status=409, code="ObjectNotAppendable")  # another 409 is an error
+    with pytest.raises(StorageError, match=r"409 ObjectNotAppendable"):
+        storage.create_exclusive(url, b"x")
+    assert storage.create_exclusive(url, b"x") is True
+
+
+def test_each_url_has_one_backend(tmp_path: Path) -> None:
+    from imlt.trainer.storage import backend_for
+
+    kinds = {u: type(backend_for(u)).__name__ for u in
+             (str(tmp_path), f"file://{tmp_path}", "oss://b/k", "memory://x/y")}
+    assert kinds == {str(tmp_path): "LocalBackend", f"file://{tmp_path}": "LocalBackend",
+                     "oss://b/k": "OssBackend", "memory://x/y": "FsspecBackend"}

@@ -38,7 +38,7 @@ class GeneratedDataset(BaseModel):
     num_val: int
 
 
-def _font_dir() -> Path:
+def font_dir() -> Path:
     import matplotlib
 
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
@@ -62,7 +62,7 @@ def render_glyph(char: str, font_path: Path, size: int, rng: random.Random) -> I
 
 
 def _write_split(root: Path, split: str, classes: list[str], per_class: int, size: int, rng: random.Random) -> tuple[str, int]:
-    fonts = [_font_dir() / f for f in FONT_FILES]
+    fonts = [font_dir() / f for f in FONT_FILES]
     lines = []
     (root / split).mkdir(parents=True, exist_ok=True)
     for ci, char in enumerate(classes):

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from imlt.trainer.storage.errors import StorageError, StorageNotFoundError
-from imlt.trainer.storage.urls import _local
+from imlt.trainer.storage.urls import local_path
 
-_TMP_SUFFIX = ".imlt-tmp"  # marks in-progress local writes; list_files skips them
+TMP_SUFFIX = ".imlt-tmp"  # marks in-progress local writes; listings skip them
 
 
 @contextlib.contextmanager
-def _local_errors(url: str) -> Iterator[None]:
+def local_errors(url: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:
@@ -24,9 +25,10 @@ def _local_errors(url: str) -> Iterator[None]:
         raise StorageError(f"{url}: is a folder, not a file") from None
 
 
-def _local_write(path: Path, data: bytes | memoryview) -> None:
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Temp file in the same folder, fsync, os.replace: a reader never sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -38,10 +40,56 @@ def _local_write(path: Path, data: bytes | memoryview) -> None:
         raise
 
 
-def _local_list_relative(url: str) -> list[str]:
-    root = _local(url)
-    if not root.is_dir():
-        return []
-    return sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.endswith(_TMP_SUFFIX)
-    )
+class LocalBackend:
+    remote = False
+
+    def read(self, url: str, byte_range: tuple[int, int] | None) -> bytes:
+        with local_errors(url), open(local_path(url), "rb") as f:
+            if byte_range is None:
+                return f.read()
+            f.seek(byte_range[0])
+            return f.read(byte_range[1] - byte_range[0] + 1)
+
+    def write(self, url: str, data: bytes) -> None:
+        try:
+            atomic_write(local_path(url), data)
+        except OSError as e:  # disk full (ENOSPC), file-size limit (EFBIG), read-only, permissions
+            raise StorageError(
+                f"{url}: cannot write: {e.strerror or type(e).__name__}; any earlier version of the file is unchanged"
+            ) from e
+
+    def create_exclusive(self, url: str, data: bytes) -> bool:
+        path = local_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def exists(self, url: str) -> bool:
+        return local_path(url).exists()
+
+    def list_relative(self, url: str) -> list[str]:
+        root = local_path(url)
+        if not root.is_dir():
+            return []
+        return sorted(
+            p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.endswith(TMP_SUFFIX)
+        )
+
+    def delete(self, url: str) -> None:
+        p = local_path(url)
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+    def download(self, url: str, dest: Path) -> None:
+        with local_errors(url):
+            shutil.copyfile(local_path(url), dest)
+
+
+BACKEND = LocalBackend()

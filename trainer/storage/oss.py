@@ -1,8 +1,9 @@
 """The oss://bucket/key backend through oss2: settings and credentials, cached clients, retries.
 
 oss2 errors are translated into StorageErrors built from status and code only (their bodies can
-echo the access key id), and transient failures are retried here with exponential backoff.
-`oss2`, `requests` and `urllib3` are imported inside functions so importing this module stays fast.
+echo the access key id), and transient failures are retried here (tenacity) with exponential
+backoff. `oss2`, `requests`, `urllib3` and `tenacity` are imported inside functions so importing
+this module stays fast.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import os
 import random
 import re
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from imlt.trainer.storage.errors import StorageError, StorageNotFoundError
-from imlt.trainer.storage.redact import _REDACT_FILTER, _remember_secrets, scrub
+from imlt.trainer.storage.redact import REDACT_FILTER, remember_secrets, scrub
+
+if TYPE_CHECKING:
+    import tenacity
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +141,7 @@ def _install_log_redaction() -> None:
         _logger_count_seen = len(logging.root.manager.loggerDict)
         for name in list(logging.root.manager.loggerDict):
             if (name == "oss2" or name.startswith("oss2.")) and name not in _redacting_loggers:
-                logging.getLogger(name).addFilter(_REDACT_FILTER)
+                logging.getLogger(name).addFilter(REDACT_FILTER)
                 _redacting_loggers.add(name)
 
 
@@ -181,7 +184,7 @@ def _oss_target(url: str) -> _OssTarget:
             f"{url}: no OSS credentials - set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET "
             "(and OSS_SESSION_TOKEN for STS), or call configure_oss()"
         )
-    _remember_secrets(settings)
+    remember_secrets(settings)
     akid = settings.access_key_id.get_secret_value()
     secret = settings.access_key_secret.get_secret_value()
     token = settings.session_token.get_secret_value() if settings.session_token else None
@@ -286,99 +289,66 @@ def _describe(e: BaseException) -> str:
     return type(e).__name__ + (f"/{type(inner).__name__}" if inner is not None else "")
 
 
+def _backoff(state: tenacity.RetryCallState) -> float:
+    """RETRY_BASE_DELAY * 2^(n-1), capped, times a jitter in [0.5, 1] (read at call time: tests tune it).
+
+    Hand-written rather than tenacity's wait_random_exponential, whose jitter draws from [0, x]:
+    keeping at least half the backoff is today's policy.
+    """
+    full = min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** (state.attempt_number - 1))
+    return full * random.uniform(0.5, 1.0)
+
+
 def _retrying(t: _OssTarget, what: str, fn: Callable[[], T]) -> T:
-    """Run one OSS request, retrying transient failures with exponential backoff and jitter."""
-    # oss2 itself retries only inside its list iterators, and not on connection errors or a
-    # reset mid-body, so the policy lives here.
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return fn()
-        except Exception as e:
-            if attempt >= RETRY_ATTEMPTS or not _is_transient(e):
-                err = _translate(e, t, attempt)
-                if err is e:
-                    raise
-                raise err from None
-            delay = min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            log.warning(
-                "%s: %s failed (%s), retry %d of %d in %.2fs",
-                t.url, what, _describe(e), attempt, RETRY_ATTEMPTS - 1, delay,
-            )
-            time.sleep(delay)
+    """Run one OSS request, retrying transient failures with exponential backoff and jitter.
 
+    oss2 itself retries only inside its list iterators, and not on connection errors or a reset
+    mid-body, so the policy lives here: RETRY_ATTEMPTS tries in all, waits of
+    RETRY_BASE_DELAY * 2^(n-1) capped at RETRY_MAX_DELAY, times a jitter in [0.5, 1].
+    """
+    import tenacity
 
-def _oss_read(url: str, byte_range: tuple[int, int] | None) -> bytes:
-    import oss2
+    def warn(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s: %s failed (%s), retry %d of %d in %.2fs",
+            t.url, what, _describe(error) if error else "?", state.attempt_number, RETRY_ATTEMPTS - 1, delay,
+        )
 
-    t = _oss_target(url)
-    # "standard" range behaviour: a range starting past the end is a 416 instead of OSS's legacy
-    # answer of silently returning the whole object.
-    headers = {"x-oss-range-behavior": "standard"} if byte_range else None
-
-    def once() -> bytes:
-        try:
-            result = t.bucket.get_object(t.key, byte_range=byte_range, headers=headers)
-        except oss2.exceptions.ServerError as e:
-            if e.status == 416:
-                return b""
-            raise
-        data = result.read()
-        if result.content_length is not None and len(data) != result.content_length:
-            raise _TruncatedBody(f"got {len(data)} of {result.content_length} bytes")
-        if byte_range is None:
-            oss2.utils.check_crc("get", result.client_crc, result.server_crc, result.request_id)
-        elif result.status == 200:  # server ignored the range: cut it ourselves
-            data = data[byte_range[0] : byte_range[1] + 1]
-        return data
-
-    return _retrying(t, "read", once)
-
-
-def _oss_download(url: str, dest: Path) -> None:
-    """Stream one object to a local file (no whole-object buffer), retrying from the start."""
-    import oss2
-
-    t = _oss_target(url)
-
-    def once() -> None:
-        result = t.bucket.get_object(t.key)
-        n = 0
-        with open(dest, "wb") as f:
-            for chunk in iter(lambda: result.read(1 << 20), b""):
-                f.write(chunk)
-                n += len(chunk)
-        if result.content_length is not None and n != result.content_length:
-            raise _TruncatedBody(f"got {n} of {result.content_length} bytes")
-        oss2.utils.check_crc("get", result.client_crc, result.server_crc, result.request_id)
-
-    _retrying(t, "download", once)
-
-
-def _oss_write(url: str, data: bytes) -> None:
-    t = _oss_target(url)
-    if not t.key or t.key.endswith("/"):
-        raise StorageError(f"{url}: cannot write an object without a key name")
-    if len(data) <= MULTIPART_THRESHOLD:
-        _retrying(t, "write", lambda: t.bucket.put_object(t.key, data))
-    else:
-        _oss_multipart_write(t, data)
-
-
-def _oss_create_exclusive(url: str, data: bytes) -> bool:
-    """PutObject with x-oss-forbid-overwrite: False when the name is taken (409 FileAlreadyExists)."""
-    t = _oss_target(url)
+    retryer = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
+        wait=_backoff,
+        retry=tenacity.retry_if_exception(_is_transient),
+        before_sleep=warn,
+        reraise=True,
+    )
     try:
-        _retrying(t, "create", lambda: t.bucket.put_object(t.key, data, headers={"x-oss-forbid-overwrite": "true"}))
-    except StorageError as e:
-        if "409 FileAlreadyExists" in str(e):
-            return False
-        raise
-    return True
+        return retryer(fn)
+    except Exception as e:
+        err = _translate(e, t, retryer.statistics.get("attempt_number", 1))
+        if err is e:
+            raise
+        raise err from None
 
 
-def _oss_multipart_write(t: _OssTarget, data: bytes) -> None:
+def _forbid_overwrite_put(t: _OssTarget, data: bytes) -> bool:
+    """PutObject with x-oss-forbid-overwrite; False when the name is taken (409 FileAlreadyExists)."""
+    import oss2
+
+    def once() -> bool:
+        try:
+            t.bucket.put_object(t.key, data, headers={"x-oss-forbid-overwrite": "true"})
+        except oss2.exceptions.ServerError as e:
+            if e.status == 409 and e.code == "FileAlreadyExists":
+                return False
+            raise
+        return True
+
+    return _retrying(t, "create", once)
+
+
+def _multipart_write(t: _OssTarget, data: bytes) -> None:
     """Upload parts, then complete; on any failure abort so no part or object is left visible."""
     import oss2
 
@@ -408,30 +378,11 @@ def _oss_multipart_write(t: _OssTarget, data: bytes) -> None:
         raise
 
 
-def _oss_exists(url: str) -> bool:
-    import oss2
-
-    t = _oss_target(url)
-
-    def once() -> bool:
-        if t.key and not t.key.endswith("/"):
-            try:
-                t.bucket.head_object(t.key)
-                return True
-            except oss2.exceptions.NotFound as e:
-                if e.code == "NoSuchBucket":
-                    raise
-        prefix = _folder_prefix(t.key)
-        return bool(t.bucket.list_objects(prefix=prefix, max_keys=1).object_list)
-
-    return _retrying(t, "exists", once)
-
-
 def _folder_prefix(key: str) -> str:
     return key.rstrip("/") + "/" if key.strip("/") else ""
 
 
-def _oss_list_keys(t: _OssTarget, prefix: str) -> list[str]:
+def _list_keys(t: _OssTarget, prefix: str) -> list[str]:
     # Paged by hand (not oss2.ObjectIterator) so every page gets this module's retry policy.
     keys: list[str] = []
     marker = ""
@@ -447,20 +398,101 @@ def _oss_list_keys(t: _OssTarget, prefix: str) -> list[str]:
         marker = page.next_marker
 
 
-def _oss_list_relative(url: str) -> list[str]:
-    t = _oss_target(url)
-    prefix = _folder_prefix(t.key)
-    # Keys ending in '/' are the console's zero-byte "folder" markers, not files.
-    return sorted(k[len(prefix) :] for k in _oss_list_keys(t, prefix) if not k.endswith("/"))
+class OssBackend:
+    remote = True
+
+    def read(self, url: str, byte_range: tuple[int, int] | None) -> bytes:
+        import oss2
+
+        t = _oss_target(url)
+        # "standard" range behaviour: a range starting past the end is a 416 instead of OSS's legacy
+        # answer of silently returning the whole object.
+        headers = {"x-oss-range-behavior": "standard"} if byte_range else None
+
+        def once() -> bytes:
+            try:
+                result = t.bucket.get_object(t.key, byte_range=byte_range, headers=headers)
+            except oss2.exceptions.ServerError as e:
+                if e.status == 416:
+                    return b""
+                raise
+            data = result.read()
+            if result.content_length is not None and len(data) != result.content_length:
+                raise _TruncatedBody(f"got {len(data)} of {result.content_length} bytes")
+            if byte_range is None:
+                oss2.utils.check_crc("get", result.client_crc, result.server_crc, result.request_id)
+            elif result.status == 200:  # server ignored the range: cut it ourselves
+                data = data[byte_range[0] : byte_range[1] + 1]
+            return data
+
+        return _retrying(t, "read", once)
+
+    def download(self, url: str, dest: Path) -> None:
+        """Stream one object to a local file (no whole-object buffer), retrying from the start."""
+        import oss2
+
+        t = _oss_target(url)
+
+        def once() -> None:
+            result = t.bucket.get_object(t.key)
+            n = 0
+            with open(dest, "wb") as f:
+                for chunk in iter(lambda: result.read(1 << 20), b""):
+                    f.write(chunk)
+                    n += len(chunk)
+            if result.content_length is not None and n != result.content_length:
+                raise _TruncatedBody(f"got {n} of {result.content_length} bytes")
+            oss2.utils.check_crc("get", result.client_crc, result.server_crc, result.request_id)
+
+        _retrying(t, "download", once)
+
+    def write(self, url: str, data: bytes) -> None:
+        data = bytes(data)
+        t = _oss_target(url)
+        if not t.key or t.key.endswith("/"):
+            raise StorageError(f"{url}: cannot write an object without a key name")
+        if len(data) <= MULTIPART_THRESHOLD:
+            _retrying(t, "write", lambda: t.bucket.put_object(t.key, data))
+        else:
+            _multipart_write(t, data)
+
+    def create_exclusive(self, url: str, data: bytes) -> bool:
+        return _forbid_overwrite_put(_oss_target(url), bytes(data))
+
+    def exists(self, url: str) -> bool:
+        import oss2
+
+        t = _oss_target(url)
+
+        def once() -> bool:
+            if t.key and not t.key.endswith("/"):
+                try:
+                    t.bucket.head_object(t.key)
+                    return True
+                except oss2.exceptions.NotFound as e:
+                    if e.code == "NoSuchBucket":
+                        raise
+            prefix = _folder_prefix(t.key)
+            return bool(t.bucket.list_objects(prefix=prefix, max_keys=1).object_list)
+
+        return _retrying(t, "exists", once)
+
+    def list_relative(self, url: str) -> list[str]:
+        t = _oss_target(url)
+        prefix = _folder_prefix(t.key)
+        # Keys ending in '/' are the console's zero-byte "folder" markers, not files.
+        return sorted(k[len(prefix) :] for k in _list_keys(t, prefix) if not k.endswith("/"))
+
+    def delete(self, url: str) -> None:
+        t = _oss_target(url)
+        if not t.key.strip("/"):
+            raise StorageError(f"{url}: refusing to delete a whole bucket")
+        keys = _list_keys(t, _folder_prefix(t.key))
+        if not t.key.endswith("/"):
+            keys.append(t.key)  # deleting a missing key is not an error in OSS
+        for i in range(0, len(keys), DELETE_BATCH):
+            batch = keys[i : i + DELETE_BATCH]
+            _retrying(t, "delete", lambda: t.bucket.batch_delete_objects(batch))
 
 
-def _oss_delete(url: str) -> None:
-    t = _oss_target(url)
-    if not t.key.strip("/"):
-        raise StorageError(f"{url}: refusing to delete a whole bucket")
-    keys = _oss_list_keys(t, _folder_prefix(t.key))
-    if not t.key.endswith("/"):
-        keys.append(t.key)  # deleting a missing key is not an error in OSS
-    for i in range(0, len(keys), DELETE_BATCH):
-        batch = keys[i : i + DELETE_BATCH]
-        _retrying(t, "delete", lambda: t.bucket.batch_delete_objects(batch))
+BACKEND = OssBackend()

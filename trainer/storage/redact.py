@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from imlt.trainer.storage.oss import OssSettings  # oss imports this module: no runtime import back
 
-_secrets_lock = threading.Lock()  # separate from oss._lock: scrub() runs inside logging calls
+_secrets_lock = threading.Lock()  # separate from the oss module's lock: scrub() runs inside logging calls
 _secret_values: set[str] = set()  # every credential string seen, for scrubbing
 
 
-def _remember_secrets(settings: OssSettings) -> None:
+def remember_secrets(settings: OssSettings) -> None:
     with _secrets_lock:
         for s in (settings.access_key_id, settings.access_key_secret, settings.session_token):
             if s is not None and len(s.get_secret_value()) >= 4:
@@ -48,7 +48,7 @@ def scrub(text: str) -> str:
     return text
 
 
-class _RedactFilter(logging.Filter):
+class RedactFilter(logging.Filter):
     """oss2 logs request headers and error bodies at DEBUG/INFO; rewrite them without credentials."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -62,4 +62,4 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-_REDACT_FILTER = _RedactFilter()
+REDACT_FILTER = RedactFilter()

@@ -9,11 +9,12 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-def _is_oss(url: str) -> bool:
+def is_oss(url: str) -> bool:
     return url.startswith("oss://")
 
 
-def _local(url: str) -> Path:
+def local_path(url: str) -> Path:
+    """The filesystem path of a local URL (a plain path or file://...)."""
     return Path(url.removeprefix("file://"))
 
 
@@ -25,7 +26,7 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def _check_range(byte_range: tuple[int, int] | None) -> None:
+def check_range(byte_range: tuple[int, int] | None) -> None:
     if byte_range is not None:
         start, end = byte_range
         if start < 0 or end < start:
