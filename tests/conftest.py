@@ -1,16 +1,16 @@
-"""Shared fixtures. The OSS-dialect test server lives in tests/oss_server.py."""
+"""Shared fixtures. The fakes and data builders behind them live in tests/support."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.oss_server import OssTestServer
-
-OSS_TEST_ACCESS_KEY_ID = "test-access-key-id"
-OSS_TEST_ACCESS_KEY_SECRET = "test-access-key-secret"
-OSS_TEST_BUCKET = "test-bucket"
+from tests.support.fake_kube import FakeCluster
+from tests.support.images import image_bytes
+from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET, OSS_TEST_BUCKET, OssTestServer
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +47,32 @@ def oss_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OssTestServer]:
         finally:
             storage.configure_oss(None)
             storage.reset_clients()
+
+
+@pytest.fixture
+def fake_cluster(tmp_path: Path) -> Iterator[Callable[..., FakeCluster]]:
+    """fake_cluster(secrets=..., ...) -> a running FakeCluster in tmp_path, stopped after the test."""
+    started: list[FakeCluster] = []
+
+    def make(**kwargs: Any) -> FakeCluster:
+        cluster = FakeCluster(tmp_path, **kwargs).__enter__()
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in reversed(started):
+        cluster.__exit__(None, None, None)
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., Path]:
+    """make_image("img/a.png", size=..., mode=..., fmt=...) -> the written path (under tmp_path)."""
+
+    def make(rel: str, size: tuple[int, int] = (16, 16), mode: str = "RGB", fmt: str | None = None, seed: int = 0) -> Path:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fmt = fmt or ("JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+        path.write_bytes(image_bytes(size, mode, fmt, seed))
+        return path
+
+    return make

@@ -1,4 +1,4 @@
-"""KubernetesTrainMetricModelOperator and TrainJobTrigger against tests/fake_kube.FakeCluster.
+"""KubernetesTrainMetricModelOperator and TrainJobTrigger against tests/support/fake_kube.FakeCluster.
 
 The operator's execute -> defer -> trigger -> execute_complete path is driven by hand (what the
 task runner and the triggerer do), with the fake cluster's pods really training.
@@ -19,8 +19,8 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskD
 
 from imlt.components.airflow.operators import KubernetesTrainMetricModelOperator  # noqa: E402
 from imlt.components.airflow.triggers import TrainJobTrigger  # noqa: E402
-from tests.fake_kube import FakeCluster  # noqa: E402
-from tests.kfp_data import write_split  # noqa: E402
+from tests.support.fake_kube import FakeCluster  # noqa: E402
+from tests.support.images import write_split  # noqa: E402
 from imlt.trainer import remote_train, steps  # noqa: E402
 
 TINY_CONFIG = {

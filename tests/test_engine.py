@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.colour_data import write_colour_dataset
+from tests.support.images import write_colour_dataset
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import engine
 from imlt.trainer.config import ConfigError, Scheduler, validate_config

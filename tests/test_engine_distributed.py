@@ -29,7 +29,7 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from tests.colour_data import write_colour_dataset
+from tests.support.images import write_colour_dataset
 from tests.engine_dist_worker import hooks
 from imlt.trainer import engine, launch
 from imlt.trainer.config import ConfigError, validate_config

@@ -10,7 +10,7 @@ from kfp import dsl, local
 
 import imlt.components.kfp as kfp_components
 from imlt.components.kfp._training import CONFIG_FIELDS
-from tests.kfp_data import CLASSES, write_split
+from tests.support.images import CLASSES, write_split
 from imlt.trainer.config import RunConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")  # kfp.local, custom image

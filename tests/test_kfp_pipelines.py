@@ -13,7 +13,7 @@ import imlt.components.kfp as kfp_components
 from imlt.pipelines.compile import PIPELINES, compile_all
 from imlt.pipelines.evaluation import evaluation_pipeline
 from imlt.pipelines.training import training_pipeline
-from tests.kfp_data import write_split
+from tests.support.images import write_split
 from imlt.trainer.config import INSTANCE_TYPES
 
 PIPELINE_DIR = Path(__file__).resolve().parents[1] / "pipelines"

@@ -1,6 +1,6 @@
 """The train_on_kubernetes component and the distributed training pipeline.
 
-The component's body runs here against tests/fake_kube.FakeCluster (whose pods really train),
+The component's body runs here against tests/support/fake_kube.FakeCluster (whose pods really train),
 the way KFP's executor calls it: with artifact objects and the task_config the backend fills.
 """
 
@@ -15,8 +15,8 @@ import yaml
 from kfp import dsl
 
 from imlt.components.kfp import train_on_kubernetes
-from tests.fake_kube import FakeCluster
-from tests.kfp_data import write_split
+from tests.support.fake_kube import FakeCluster
+from tests.support.images import write_split
 from imlt.trainer import remote_train, steps
 
 PIPELINE_DIR = Path(__file__).resolve().parents[1] / "pipelines"

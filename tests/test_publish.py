@@ -263,3 +263,36 @@ def test_publish_to_oss_and_load_back(model_dir: str, oss_server, tmp_path: Path
     x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.inference_mode():
         assert torch.equal(model(x), eager(x))
+
+
+def test_published_files_follow_the_umask_and_other_users_can_read_them(model_dir: str) -> None:
+    """Under umask 022 every published file is 0644 and a process running as `nobody` reads it."""
+    import os
+    import shutil
+    import stat
+    import subprocess
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("reading as another user needs root (to switch to nobody)")
+    old = os.umask(0o022)
+    # pytest's tmp_path is 0700: publish below a folder other users can traverse
+    root = Path(tempfile.mkdtemp(prefix="imlt-umask-"))
+    try:
+        root.chmod(0o755)
+        dest = root / "published"
+        out = publish_model(_quick(model_dir, dest))
+        assert out.published
+        files = sorted(p for p in dest.rglob("*") if p.is_file())
+        assert {p.name for p in files} >= {"latest", "model.safetensors", "config.json", "model_card.json", ".reserved"}
+        modes = {str(p.relative_to(dest)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+        assert set(modes.values()) == {"0o644"}, modes
+        try:
+            ran = subprocess.run(["cat", *map(str, files)], capture_output=True, user=65534, group=65534, timeout=60)
+        except PermissionError as e:
+            pytest.skip(f"cannot switch to nobody here: {e}")
+        assert ran.returncode == 0, ran.stderr.decode()
+        assert len(ran.stdout) == sum(p.stat().st_size for p in files)
+    finally:
+        os.umask(old)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Training as a Kubernetes job (trainer.remote_train) against tests/fake_kube.FakeCluster.
+"""Training as a Kubernetes job (trainer.remote_train) against tests/support/fake_kube.FakeCluster.
 
 The fake runs each pod as a local process executing the rendered command (torchrun -m
 imlt.trainer.cli train ...), so these tests train real (tiny) models and check the model folder:
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
-from tests.fake_kube import FakeCluster
-from tests.kfp_data import CLASSES, write_split
+from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
+from tests.support.fake_kube import FakeCluster
+from tests.support.images import CLASSES, write_split
 from imlt.trainer import k8s, remote_train, steps, storage
 from imlt.trainer.config import load_config
 from imlt.trainer.remote_train import RemoteTrainInput

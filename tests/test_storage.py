@@ -1,6 +1,6 @@
 """trainer.storage against local paths, memory:// (fsspec) and oss:// through the real oss2 client.
 
-The oss:// tests talk HTTP to tests/oss_server.py, which checks signatures and can inject
+The oss:// tests talk HTTP to tests/support/oss_server.py, which checks signatures and can inject
 connection resets and 5xx answers.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
-from tests.oss_server import OssTestServer, StoredObject
+from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
+from tests.support.oss_server import OssTestServer, StoredObject
 from imlt.trainer import storage
 from imlt.trainer.storage import OssSettings, StorageError, StorageNotFoundError
 
@@ -370,3 +370,14 @@ def test_each_url_has_one_backend(tmp_path: Path) -> None:
              (str(tmp_path), f"file://{tmp_path}", "oss://b/k", "memory://x/y")}
     assert kinds == {str(tmp_path): "LocalBackend", f"file://{tmp_path}": "LocalBackend",
                      "oss://b/k": "OssBackend", "memory://x/y": "FsspecBackend"}
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_local_writes_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        storage.write_bytes(str(tmp_path / "w.bin"), b"w")
+        storage.create_exclusive(str(tmp_path / "x.bin"), b"x")
+    finally:
+        os.umask(old)
+    assert {(tmp_path / n).stat().st_mode & 0o777 for n in ("w.bin", "x.bin")} == {mode}

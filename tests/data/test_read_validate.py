@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data.conftest import image_bytes
+from tests.support.images import image_bytes
 from imlt.trainer.config import DataFormat
 from imlt.trainer.data.manifest import read_classes, read_manifest, read_summary
 from imlt.trainer.errors import DataError

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import imlt, png_bytes, write_text
+from tests.support.cli import imlt
+from tests.support.images import png_bytes, write_text
 from imlt.trainer.data.manifest import read_classes, read_manifest
 
 CLEAN = "img/a0.png cat\nimg/a1.png cat\nimg/b0.png dog\nimg/b1.png dog\n"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import BACKBONE, checkpoints, imlt, train_args, write_text
+from tests.support.cli import BACKBONE, checkpoints, imlt, train_args
+from tests.support.images import write_text
 
 # (rule, flags, words of the message)
 CROSS_FIELD = [

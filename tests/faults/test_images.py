@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.faults.conftest import imlt, imlt_cmd, png_bytes, subprocess_env, write_text
+from tests.support.cli import imlt, imlt_cmd, subprocess_env
+from tests.support.images import png_bytes, write_text
 
 HUGE = 20_000  # pixels a side: 400 megapixels, 1.2 GB once decoded to RGB
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
-from tests.faults.conftest import imlt, imlt_cmd, subprocess_env
+from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
+from tests.support.cli import imlt, imlt_cmd, subprocess_env
 from imlt.trainer import storage
 
 VERSION_FILES = {".reserved", "MODEL_CARD.md", "classes.txt", "config.json", "model.onnx", "model.safetensors",

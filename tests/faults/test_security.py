@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import (
-    BACKBONE, IMAGE_SIZE, REPO, checkpoints, imlt, imlt_cmd, subprocess_env, train_args, write_colour_images,
+from tests.support.cli import (
+    BACKBONE, IMAGE_SIZE, REPO, checkpoints, imlt, imlt_cmd, subprocess_env, train_args,
 )
-from tests.oss_server import OssTestServer
+from tests.support.images import write_colour_images
+from tests.support.oss_server import OssTestServer
 
 # Distinctive values: any of them (or a long piece of one) in an output is a leak.
 FAKE_KEY_ID = "LTAI5tFaKeKeyId7Qx93Hd2"
@@ -65,8 +66,7 @@ def upload_colour_split(server: OssTestServer, local: Path, split: str) -> str:
 
 
 def all_objects(server: OssTestServer) -> dict[str, bytes]:
-    with server._lock:
-        return {f"{b}/{k}": o.data for b, objs in server.buckets.items() for k, o in objs.items()}
+    return server.objects()
 
 
 def all_local_files(root: Path) -> dict[str, bytes]:

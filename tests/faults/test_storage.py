@@ -1,7 +1,7 @@
 """Case 5: OSS faults under real runs: wrong credentials, an unreachable endpoint, connections
 reset mid-read, and multipart uploads that fail or whose process is killed.
 
-The OSS side is tests/oss_server.py (the oss2 client is real); faults are injected there
+The OSS side is tests/support/oss_server.py (the oss2 client is real); faults are injected there
 (`fail_next`, `reset_next`) or by pointing at a closed port.
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
-from tests.faults.conftest import imlt, imlt_cmd, png_bytes, subprocess_env
+from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
+from tests.support.cli import imlt, imlt_cmd, subprocess_env
+from tests.support.images import png_bytes
 from imlt.trainer import storage
 
 

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from tests.faults.conftest import REPO
+from tests.support.cli import REPO
 
 TABLE = REPO / "docs" / "faults.md"
 REFERENCE = re.compile(r"(tests/[\w/]+\.py)::(\w+)(\[[^\]`]+\])?")

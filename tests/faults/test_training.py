@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import STEPS_PER_EPOCH, checkpoints, imlt, imlt_cmd, run_imlt, subprocess_env, train_args
+from tests.support.cli import (
+    STEPS_PER_EPOCH, checkpoints, imlt, imlt_cmd, run_imlt, subprocess_env, train_args,
+)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +25,29 @@ def local_errors(url: str) -> Iterator[None]:
         raise StorageError(f"{url}: is a folder, not a file") from None
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside `path`, created with mode 0666 so the kernel applies the umask.
+
+    Not tempfile.mkstemp: it always creates mode 0600, and os.replace keeps the temp file's mode,
+    so every output would be unreadable to other users (a model server, a pod running as another
+    uid). The process umask decides, as for any other file the process creates (0644 under 022).
+    """
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+        try:
+            return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: could not create a temp file beside it")
+
+
 def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Temp file in the same folder, fsync, os.replace: a reader never sees a partial file."""
+    """Temp file in the same folder, fsync, os.replace: a reader never sees a partial file.
+
+    The file's mode follows the process umask (0644 under the usual 022).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -62,7 +81,7 @@ class LocalBackend:
         path = local_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # mode: the umask decides
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as f:

@@ -38,6 +38,10 @@ import crcmod  # installed with oss2
 # CRC-64/XZ (ECMA-182 polynomial, reflected, xor-out all ones): what OSS calls crc64ecma.
 _crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, rev=True, xorOut=0xFFFFFFFFFFFFFFFF)
 
+OSS_TEST_ACCESS_KEY_ID = "test-access-key-id"
+OSS_TEST_ACCESS_KEY_SECRET = "test-access-key-secret"
+OSS_TEST_BUCKET = "test-bucket"
+
 MIN_PART_SIZE = 100 * 1024  # OSS rejects smaller non-last parts with EntityTooSmall
 
 # Query parameters that OSS's V1 signature includes in the canonicalized resource (the subset
@@ -182,6 +186,11 @@ class OssTestServer:
 
     def url(self, key: str = "", bucket: str | None = None) -> str:
         return f"oss://{bucket or self.default_bucket}/{key}"
+
+    def objects(self) -> dict[str, bytes]:
+        """Every stored object as {"bucket/key": data}."""
+        with self._lock:
+            return {f"{b}/{k}": o.data for b, objs in self.buckets.items() for k, o in objs.items()}
 
     def keys(self, bucket: str | None = None) -> list[str]:
         with self._lock:

@@ -33,7 +33,7 @@ from typing import Any
 
 from imlt.trainer import k8s
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class ApiError(Exception):
