@@ -54,7 +54,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _metrics_dir(tmp_path: Path, recall_at_1: float) -> str:
-    out = tmp_path / "metrics"
+    out = tmp_path / f"metrics-{recall_at_1}"
     metrics = {"recall_at_1": recall_at_1, "recall_at_2": 0.7, "recall_at_4": 0.8, "recall_at_8": 0.9,
                "map_at_r": 0.3, "num_queries": 12, "num_classes": 3}
     write_metrics(str(out), metrics, [1, 2, 4, 8])
@@ -131,7 +131,7 @@ def test_publish_exports_reload_and_reproduce_eager(model_dir: str, tmp_path: Pa
 def test_versions_increment_and_latest_follows(model_dir: str, tmp_path: Path) -> None:
     dest = tmp_path / "published"
     first = publish_model(_quick(model_dir, dest))
-    second = publish_model(_quick(model_dir, dest))
+    second = publish_model(_quick(model_dir, dest, metrics_dir=_metrics_dir(tmp_path, 0.7)))  # re-evaluated
     assert (first.version, second.version) == (1, 2)
     assert existing_versions(str(dest)) == [1, 2]
     assert _latest(dest)["version"] == 2
@@ -145,6 +145,19 @@ def test_gate_refusal_writes_nothing(model_dir: str, tmp_path: Path) -> None:
     assert not out.published and out.version is None and out.version_dir is None
     assert out.reason == "Recall@1 0.41 is below the gate 0.50"
     assert not dest.exists()
+
+
+def test_publishing_the_same_model_again_returns_its_version_and_leaves_latest(model_dir: str, tmp_path: Path) -> None:
+    dest = tmp_path / "published"
+    first = publish_model(_quick(model_dir, dest, metrics_dir=_metrics_dir(tmp_path, 0.6)))
+    other = publish_model(_quick(model_dir, dest, metrics_dir=_metrics_dir(tmp_path, 0.7)))
+    pointer = (dest / LATEST).read_bytes()
+    mtime = (dest / LATEST).stat().st_mtime_ns
+    again = publish_model(_quick(model_dir, dest, metrics_dir=_metrics_dir(tmp_path, 0.6)))  # a retried task
+    assert (first.version, other.version, again.version) == (1, 2, 1)
+    assert again.published and again.version_dir == str(dest / "v1") and again.reason == "already published as v1"
+    assert existing_versions(str(dest)) == [1, 2]  # nothing new reserved or uploaded
+    assert (dest / LATEST).read_bytes() == pointer and (dest / LATEST).stat().st_mtime_ns == mtime
 
 
 def test_gate_close_call_shows_enough_digits(model_dir: str, tmp_path: Path) -> None:
@@ -168,28 +181,32 @@ def test_crash_before_latest_leaves_previous_version(model_dir: str, tmp_path: P
         real_write(url, text)
 
     monkeypatch.setattr(storage, "write_text", crash_on_latest)
+    newer = _metrics_dir(tmp_path, 0.7)  # a re-evaluated model: a new version
     with pytest.raises(OSError, match="simulated crash"):
-        publish_model(_quick(model_dir, dest))
+        publish_model(_quick(model_dir, dest, metrics_dir=newer))
     assert (dest / "v2" / "model.safetensors").exists()  # the upload had finished
     assert _latest(dest)["version"] == 1
     assert resolve_published(str(dest)) == str(dest / "v1")
 
     monkeypatch.setattr(storage, "write_text", real_write)
-    again = publish_model(_quick(model_dir, dest))
-    assert again.version == 3 and _latest(dest)["version"] == 3  # v2 stays orphaned, never reused
+    again = publish_model(_quick(model_dir, dest, metrics_dir=newer))  # the retried task finds its v2, finishes
+    assert again.version == 2 and _latest(dest)["version"] == 2
+    assert existing_versions(str(dest)) == [1, 2]
 
 
 def test_racing_publishes_get_distinct_versions(model_dir: str, tmp_path: Path) -> None:
     dest = tmp_path / "published"
     results, errors = [], []
 
-    def run() -> None:
+    metrics = [_metrics_dir(tmp_path, 0.6 + i / 100) for i in range(4)]  # four different models' publishes
+
+    def run(i: int) -> None:
         try:
-            results.append(publish_model(_quick(model_dir, dest)).version)
+            results.append(publish_model(_quick(model_dir, dest, metrics_dir=metrics[i])).version)
         except Exception as e:  # surfaced by the assertion below
             errors.append(e)
 
-    threads = [threading.Thread(target=run) for _ in range(4)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:

@@ -381,3 +381,12 @@ def test_local_writes_follow_the_umask(tmp_path: Path, umask: int, mode: int) ->
     finally:
         os.umask(old)
     assert {(tmp_path / n).stat().st_mode & 0o777 for n in ("w.bin", "x.bin")} == {mode}
+
+
+def test_exclusive_create_recognises_its_own_object_after_a_lost_answer(oss_server: OssTestServer) -> None:
+    url = oss_server.url("claims/v3/.reserved")
+    oss_server.reset_next(1, op="PutObject")  # stored, then the connection drops before the answer
+    assert storage.create_exclusive(url, b"mine") is True
+    assert oss_server.count("PutObject") == 2 and storage.read_bytes(url) == b"mine"
+    oss_server.reset_next(1, op="PutObject")
+    assert storage.create_exclusive(url, b"someone else's") is False  # taken by another claim

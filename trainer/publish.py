@@ -8,7 +8,12 @@ Layout of a destination:
     DEST/latest            {"version": 2, "path": "v2", ...}
 
 Guarantees:
-- Nothing is written below the recall gate.
+- Nothing is written below the recall gate (`publish_decision`, the one gate; scheduled retraining
+  asks it too, with the destination, to also beat the published model).
+- Publishing is idempotent: the same model (weights, config, classes, metrics, data summary and
+  export choices: the card's `publish_key`) published again, as a retried task does, returns its
+  existing version and writes nothing, except moving `latest` to it if an earlier attempt died
+  before doing so.
 - Exports are checked against the eager model before anything is uploaded.
 - `latest` is written last and atomically, so a crash at any point leaves it on the previous
   complete version; a half-uploaded vN is never pointed to.
@@ -52,6 +57,8 @@ CARD_MD = "MODEL_CARD.md"
 USAGE = "usage.json"
 EXPORT_TOLERANCE = 1e-5
 CHECK_BATCHES = (2, 3)  # two sizes: a dynamic batch dimension that was baked in fails the check
+RECALL_KEY = "recall_at_1"
+RECHECK_VERSIONS = 20  # how many of the newest versions a publish compares itself with (retry detection)
 _VERSION_DIR = re.compile(r"v(\d+)")
 
 
@@ -60,24 +67,39 @@ class PublishError(RuntimeError):
 
 
 def publish_model(inp: PublishInput) -> PublishOutput:
-    """Gate on Recall@1, export and check, upload DEST/vN/, then point DEST/latest at it."""
+    """Gate on Recall@1, export and check, upload DEST/vN/, then point DEST/latest at it.
+
+    Idempotent: a model already published at the destination (same weights, config, classes,
+    metrics, data summary and export choices: a retried task) returns that version instead of a
+    new one, and moves `latest` only if the first attempt died before moving it.
+    """
     from imlt.trainer.evaluate import read_metrics
     from imlt.trainer.model import CLASSES, CONFIG, WEIGHTS, load_embedding_model
 
     metrics = read_metrics(inp.metrics_dir) if inp.metrics_dir else None
-    refusal = gate_refusal(metrics, inp.min_recall_at_1, inp.metrics_dir)
-    if refusal:
-        log.warning("not publishing: %s", refusal)
-        return PublishOutput(published=False, version_dir=None, version=None, reason=refusal)
+    go, reason = publish_decision(metrics, None, inp.min_recall_at_1, metrics_dir=inp.metrics_dir)
+    if not go:
+        log.warning("not publishing: %s", reason)
+        return PublishOutput(published=False, version_dir=None, version=None, reason=reason)
 
     summary, usage = _data_summary(inp.dataset_dir), _usage(inp.model_dir)  # read early: fail before exporting
-    model, cfg = load_embedding_model(inp.model_dir)
-    image_size = cfg.data.image_size
-    log.info("publishing %s (config %s) to %s", inp.model_dir, cfg.config_hash(), _redact(inp.destination))
     with tempfile.TemporaryDirectory(prefix="imlt-publish-") as tmp:
         staging = Path(tmp)
         for name in (WEIGHTS, CONFIG, CLASSES):  # verbatim: a version folder loads like a model folder
             (staging / name).write_bytes(storage.read_bytes(storage.join(inp.model_dir, name)))
+        key = publish_key(staging, (WEIGHTS, CONFIG, CLASSES), metrics, summary, inp)
+        done = find_published(inp.destination, key)
+        if done is not None:
+            version, card = done
+            version_dir = storage.join(inp.destination, f"v{version}")
+            log.info("%s already holds this model (a retried publish?): returning v%d", _redact(version_dir), version)
+            point_latest(inp.destination, version, card)  # only if an earlier attempt died before moving it
+            return PublishOutput(published=True, version_dir=version_dir, version=version,
+                                 reason=f"already published as v{version}")
+
+        model, cfg = load_embedding_model(inp.model_dir)
+        image_size = cfg.data.image_size
+        log.info("publishing %s (config %s) to %s", inp.model_dir, cfg.config_hash(), _redact(inp.destination))
         if inp.export_torchscript:
             log.info("exporting TorchScript")
             export_torchscript(model, image_size, staging / TORCHSCRIPT)
@@ -90,6 +112,7 @@ def publish_model(inp: PublishInput) -> PublishOutput:
         version_dir = storage.join(inp.destination, f"v{version}")
         config = json.loads((staging / CONFIG).read_text(encoding="utf-8"))
         card = model_card(inp, staging, config, metrics, summary, usage, version, diffs)
+        card["publish_key"] = key
         (staging / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
         (staging / CARD_MD).write_text(render_card(card))
         log.info("uploading to %s", version_dir)
@@ -99,19 +122,35 @@ def publish_model(inp: PublishInput) -> PublishOutput:
     return PublishOutput(published=True, version_dir=version_dir, version=version)
 
 
-def gate_refusal(metrics: dict[str, Any] | None, min_recall_at_1: float, metrics_dir: str | None) -> str:
-    """Why the model must not be published, or "" if it may."""
+def publish_decision(
+    metrics: dict[str, Any] | None, destination: str | None, floor: float | str, *, metrics_dir: str | None = None
+) -> tuple[bool, str]:
+    """The one publishing gate: (publish?, why).
+
+    Recall@1 must reach `floor`; with a `destination`, it must also beat the Recall@1 of the model
+    published there (scheduled retraining asks this before it publishes). No metrics is fine only
+    when there is nothing to check.
+    """
+    floor = float(floor)  # Airflow templates hand it over as text
     if metrics is None:
-        if min_recall_at_1 > 0:
-            raise ValueError(f"min_recall_at_1={min_recall_at_1} needs metrics_dir (an evaluate output) to check against")
-        return ""
-    if not isinstance(metrics.get("recall_at_1"), (int, float)):
-        raise ValueError(f"{storage.join(metrics_dir or '', 'metrics.json')}: no numeric 'recall_at_1'")
-    recall = float(metrics["recall_at_1"])
-    if recall >= min_recall_at_1:
-        return ""
-    digits = 2 if f"{recall:.2f}" != f"{min_recall_at_1:.2f}" else 4
-    return f"Recall@1 {recall:.{digits}f} is below the gate {min_recall_at_1:.{digits}f}"
+        if floor > 0 or destination is not None:
+            raise ValueError(f"min_recall_at_1={floor} needs metrics_dir (an evaluate output) to check against")
+        return True, "no gate"
+    if not isinstance(metrics.get(RECALL_KEY), (int, float)):
+        raise ValueError(f"{storage.join(metrics_dir or '', 'metrics.json')}: no numeric '{RECALL_KEY}'")
+    recall = float(metrics[RECALL_KEY])
+    if recall < floor:
+        digits = 2 if f"{recall:.2f}" != f"{floor:.2f}" else 4
+        return False, f"Recall@1 {recall:.{digits}f} is below the gate {floor:.{digits}f}"
+    if destination is None:
+        return True, f"Recall@1 {recall:.4f} >= gate {floor:.4f}"
+    current = published_metrics(destination)
+    if current is None or RECALL_KEY not in current:
+        return True, f"Recall@1 {recall:.4f} >= gate {floor:.4f} and nothing is published at {_redact(destination)}: publishing"
+    best = float(current[RECALL_KEY])
+    if recall <= best:
+        return False, f"Recall@1 {recall:.4f} does not beat the published model's {best:.4f}: not publishing"
+    return True, f"Recall@1 {recall:.4f} beats the gate {floor:.4f} and the published {best:.4f}: publishing"
 
 
 # --- exports ---------------------------------------------------------------------------------------
@@ -219,9 +258,46 @@ def reserve_version(destination: str, attempts: int = 1000) -> int:
     raise PublishError(f"{destination}: could not reserve a version after {attempts} attempts")
 
 
+def publish_key(staging: Path, model_files: tuple[str, ...], metrics: dict[str, Any] | None,
+                summary: dict[str, Any] | None, inp: PublishInput) -> str:
+    """What makes two publishes the same one: the model's files, its metrics and data, the export choices.
+
+    Exports are left out (their bytes need not be reproducible); the choice to export is in.
+    """
+    h = hashlib.sha256()
+    for name in model_files:
+        h.update(f"{name}\0{_sha256(staging / name)}\0".encode())
+    h.update(json.dumps({"metrics": metrics, "data": summary, "gate": inp.min_recall_at_1,
+                         "onnx": inp.export_onnx, "torchscript": inp.export_torchscript},
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def find_published(destination: str, key: str) -> tuple[int, dict[str, Any]] | None:
+    """(version, card) of a complete version among the newest RECHECK_VERSIONS published with `key`."""
+    files: dict[int, set[str]] = {}
+    for url in storage.list_files(destination):
+        first, _, rest = _relative(url, destination).partition("/")
+        m = _VERSION_DIR.fullmatch(first)
+        if m and rest:
+            files.setdefault(int(m.group(1)), set()).add(rest)
+    for version in sorted(files, reverse=True)[:RECHECK_VERSIONS]:
+        if CARD_JSON not in files[version]:
+            continue  # reserved or still uploading
+        try:
+            card = json.loads(storage.read_text(storage.join(destination, f"v{version}", CARD_JSON)))
+        except (json.JSONDecodeError, FileNotFoundError):
+            continue
+        if card.get("publish_key") == key and set(card.get("files", {})) | {CARD_MD} <= files[version]:
+            return version, card
+    return None
+
+
 def point_latest(destination: str, version: int, card: dict[str, Any]) -> None:
-    """Write DEST/latest atomically, unless a concurrent publish already moved it higher."""
+    """Write DEST/latest atomically, unless it already names this version or a higher one."""
     current = _read_latest(destination, missing_ok=True)
+    if current is not None and int(current.get("version", 0)) == version:
+        return
     if current is not None and int(current.get("version", 0)) > version:
         log.warning("%s already points to v%s; leaving it (v%d is published but not latest)",
                     storage.join(destination, LATEST), current["version"], version)
@@ -374,9 +450,7 @@ def _redact(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-# --- the "better than what is published" gate of scheduled retraining ----------------------------
-
-RECALL_KEY = "recall_at_1"
+# --- what is published -----------------------------------------------------------------------------
 
 
 def published_metrics(destination: str) -> dict[str, Any] | None:
@@ -387,17 +461,3 @@ def published_metrics(destination: str) -> dict[str, Any] | None:
         return None
     card = json.loads(storage.read_text(storage.join(folder, CARD_JSON)))
     return dict(card.get("metrics") or {})
-
-
-def publish_decision(metrics: dict[str, Any], destination: str, floor: float) -> tuple[bool, str]:
-    """(publish?, why). Recall@1 must exceed `floor` and the published model's Recall@1."""
-    recall = float(metrics[RECALL_KEY])
-    if recall < floor:
-        return False, f"Recall@1 {recall:.4f} is below the floor {floor:.4f}: not publishing"
-    current = published_metrics(destination)
-    if current is None or RECALL_KEY not in current:
-        return True, f"Recall@1 {recall:.4f} >= floor {floor:.4f} and nothing is published at {destination}: publishing"
-    best = float(current[RECALL_KEY])
-    if recall <= best:
-        return False, f"Recall@1 {recall:.4f} does not beat the published model's {best:.4f}: not publishing"
-    return True, f"Recall@1 {recall:.4f} beats the floor {floor:.4f} and the published {best:.4f}: publishing"

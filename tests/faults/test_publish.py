@@ -1,5 +1,6 @@
 """Case 6: publishing under faults: a publisher killed before it moves `latest`, two publishers
-racing to one destination, and a model below the recall gate.
+racing to one destination, a retried publish, a lost answer to the version claim, and a model
+below the recall gate.
 
 The destination is on the OSS test server (or a local folder): a consumer only ever follows
 DEST/latest, so what matters is that `latest` always names a complete version.
@@ -30,6 +31,15 @@ def oss_env(oss_server) -> dict[str, str]:
                           OSS_ACCESS_KEY_SECRET=OSS_TEST_ACCESS_KEY_SECRET)
 
 
+def reevaluated(metrics_dir: str, out: Path, recall_at_1: float) -> str:
+    """A copy of an evaluate output with another Recall@1: publishing it is a new version, not a retry."""
+    from imlt.trainer.evaluate import read_metrics, write_metrics
+
+    metrics = {**read_metrics(metrics_dir), "recall_at_1": recall_at_1}
+    write_metrics(str(out), metrics, [1, 2, 4, 8])
+    return str(out)
+
+
 def latest(destination: str) -> dict:
     return json.loads(storage.read_text(storage.join(destination, "latest")))
 
@@ -47,12 +57,15 @@ def assert_complete_version(destination: str, version: int) -> None:
 
 
 @pytest.mark.slow
-def test_publisher_killed_before_latest_moves_leaves_the_previous_version_served(oss_server, trained) -> None:
-    model_dir, metrics_dir = trained
+def test_publisher_killed_before_latest_moves_leaves_the_previous_version_served(
+    oss_server, trained, tmp_path: Path
+) -> None:
+    model_dir, first_metrics = trained
     dest = oss_server.url("models/products")
-    first = imlt("publish", "--model-dir", model_dir, "--metrics-dir", metrics_dir, "--destination", dest)
+    first = imlt("publish", "--model-dir", model_dir, "--metrics-dir", first_metrics, "--destination", dest)
     assert first.exit_code == 0, first.output
     assert latest(dest)["version"] == 1
+    metrics_dir = reevaluated(first_metrics, tmp_path / "metrics", 0.99)  # the next model to publish
 
     # The pointer write fails (the server answers 503) and is retried with backoff; the publisher
     # is killed in that window: all of v2 is uploaded, `latest` is not yet moved.
@@ -83,12 +96,13 @@ def test_publisher_killed_before_latest_moves_leaves_the_previous_version_served
     assert_complete_version(dest, 2)  # uploaded in full, but never pointed at
 
     again = imlt("publish", "--model-dir", model_dir, "--metrics-dir", metrics_dir, "--destination", dest)
-    assert again.exit_code == 0, again.output
-    assert latest(dest)["version"] == 3  # v2 stays orphaned; a number is never reused
+    assert again.exit_code == 0, again.output  # the retried task recognises its v2 and moves latest
+    assert again.json()["version"] == 2 and latest(dest)["version"] == 2
+    assert sorted({k.split("/")[2] for k in oss_server.keys() if k.startswith("models/products/v")}) == ["v1", "v2"]
 
 
 @pytest.mark.slow
-def test_two_concurrent_publishers_never_corrupt_latest(oss_server, trained) -> None:
+def test_two_concurrent_publishers_never_corrupt_latest(oss_server, trained, tmp_path: Path) -> None:
     # On OSS (version claims via x-oss-forbid-overwrite); the local O_EXCL claim is raced by
     # threads in tests/test_publish.py::test_racing_publishes_get_distinct_versions.
     model_dir, metrics_dir = trained
@@ -109,8 +123,9 @@ def test_two_concurrent_publishers_never_corrupt_latest(oss_server, trained) -> 
 
     reader = threading.Thread(target=consumer, daemon=True)
     reader.start()
-    cmd = imlt_cmd("publish", "--model-dir", model_dir, "--metrics-dir", metrics_dir, "--destination", dest)
-    children = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    models = [metrics_dir, reevaluated(metrics_dir, tmp_path / "metrics", 0.99)]  # two models, not one retried
+    cmds = [imlt_cmd("publish", "--model-dir", model_dir, "--metrics-dir", m, "--destination", dest) for m in models]
+    children = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in cmds]
     outputs = [c.communicate(timeout=600)[0] for c in children]
     stop.set()
     reader.join()
@@ -141,3 +156,35 @@ def test_below_the_gate_writes_nothing(oss_server, trained, tmp_path: Path) -> N
     assert '"published": false' in ran.output and "Recall@1 0.41 is below the gate 0.50" in ran.output
     writes = [c for c in oss_server.calls if c.op not in ("GetObject", "HeadObject", "ListObjects")]
     assert writes == [] and oss_server.keys() == []
+
+
+def quick_publish(model_dir: str, metrics_dir: str, dest: str):  # type: ignore[no-untyped-def]
+    """The publish step without exports (the CLI has no flag for that): these cases are about versions."""
+    from imlt.trainer.publish import publish_model
+    from imlt.trainer.steps import PublishInput
+
+    return publish_model(PublishInput(model_dir=model_dir, metrics_dir=metrics_dir, destination=dest,
+                                      export_onnx=False, export_torchscript=False))
+
+
+def test_publishing_the_same_model_again_returns_its_version_and_leaves_latest(oss_server, trained) -> None:
+    model_dir, metrics_dir = trained
+    dest = oss_server.url("models/retried")
+    assert quick_publish(model_dir, metrics_dir, dest).version == 1
+    objects = oss_server.objects()
+    oss_server.calls.clear()
+    again = quick_publish(model_dir, metrics_dir, dest)  # a retried task: same model, metrics and destination
+    assert again.published and again.version == 1 and again.reason == "already published as v1"
+    writes = [c for c in oss_server.calls if c.op not in ("GetObject", "HeadObject", "ListObjects")]
+    assert writes == [] and oss_server.objects() == objects  # nothing reserved, uploaded or moved
+
+
+def test_version_claim_whose_answer_was_lost_is_recognised(oss_server, trained) -> None:
+    model_dir, metrics_dir = trained
+    dest = oss_server.url("models/lost")
+    # OSS stores v1/.reserved but the connection drops before the answer: the retry gets 409
+    oss_server.reset_next(1, op="PutObject", key="models/lost/v1/.reserved")
+    out = quick_publish(model_dir, metrics_dir, dest)
+    assert out.version == 1 and latest(dest)["version"] == 1
+    assert sum(1 for c in oss_server.calls if c.op == "PutObject" and c.key.endswith("v1/.reserved")) == 2
+    assert not [k for k in oss_server.keys() if k.startswith("models/lost/v2")]  # no orphan claim

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -173,3 +174,32 @@ def test_killed_multipart_upload_leaves_no_visible_object(oss_server, tmp_path: 
     assert big not in oss_server.keys() and not storage.exists(oss_server.url(big))
     assert oss_server.url(big) not in storage.list_files(oss_server.url("ds"))
     assert not storage.exists(oss_server.url("ds/manifest.jsonl"))
+
+
+def test_endpoint_dying_mid_read_stops_the_step_with_one_error_naming_it(
+    oss_server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ann = put_small_set(oss_server, n=40)
+    assert imlt("read-data", "--annotations", ann, "--output-dir", tmp_path / "ds").exit_code == 0
+    endpoint = oss_server.endpoint
+
+    def kill_after_a_few_reads() -> None:  # the endpoint dies while validate is reading images
+        while oss_server.count("GetObject") < 5:
+            time.sleep(0.002)
+        oss_server.stop()
+
+    killer = threading.Thread(target=kill_after_a_few_reads, daemon=True)
+    oss_server.calls.clear()
+    killer.start()
+    caplog.set_level(logging.WARNING, logger="imlt.trainer.storage")
+    start = time.monotonic()
+    ran = imlt("validate", "--dataset-dir", tmp_path / "ds", "--output-dir", tmp_path / "val", "--workers", "2")
+    elapsed = time.monotonic() - start
+    killer.join(5)
+    assert ran.exit_code == 1, ran.output
+    assert ran.output.count(f"OSS endpoint {endpoint} is unreachable") == 1, ran.output
+    assert "cannot read image" not in ran.output  # not one error per image
+    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) <= storage.oss.CIRCUIT_FAILURES  # instead of 3 for each of ~35 images
+    assert elapsed < 20
+    assert not (tmp_path / "val" / "validation.json").exists()

@@ -84,6 +84,8 @@ def cache_images(records: list[ManifestRecord], dataset_dir: str) -> list[Manife
             try:
                 fut.result()
                 written.append(targets[uri])
+            except storage.EndpointUnavailableError:
+                raise  # the endpoint is down: one error naming it; the next run rewrites the same cache names
             except Exception as e:  # any storage error: report it against its line
                 file, line = parse_source(first_source[uri])
                 problems.append(Problem(file, line, f"cannot copy image {uri}: {type(e).__name__}: {e}"))

@@ -73,6 +73,8 @@ def check_image(uri: str, max_pixels: int) -> ImageCheck:
     """Read and fully decode one image; never raises (the problem is returned)."""
     try:
         data = storage.read_bytes(uri)  # one request when all is well; exists() only to explain a failure
+    except storage.EndpointUnavailableError:
+        raise  # not this image's problem: the step stops with one error naming the endpoint
     except Exception as e:  # any storage backend error is a problem of this image
         try:
             missing = not storage.exists(uri)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from imlt.trainer.storage.backend import Backend, backend_for
-from imlt.trainer.storage.errors import StorageError, StorageNotFoundError
+from imlt.trainer.storage.errors import EndpointUnavailableError, StorageError, StorageNotFoundError
 from imlt.trainer.storage.local import TMP_SUFFIX
 from imlt.trainer.storage.oss import OssSettings, configure_oss, current_oss_settings, reset_clients
 from imlt.trainer.storage.redact import scrub
@@ -39,6 +39,7 @@ from imlt.trainer.storage.urls import check_range, is_local, join
 
 __all__ = [
     "Backend",
+    "EndpointUnavailableError",
     "OssSettings",
     "StorageError",
     "StorageNotFoundError",

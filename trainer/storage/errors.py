@@ -9,3 +9,7 @@ class StorageError(OSError):
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
     """The object, file or bucket does not exist (also catchable as FileNotFoundError)."""
+
+
+class EndpointUnavailableError(StorageError):
+    """A storage endpoint stopped answering: callers stop the step instead of failing object by object."""

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from imlt.trainer.storage.errors import StorageError, StorageNotFoundError
+from imlt.trainer.storage.errors import EndpointUnavailableError, StorageError, StorageNotFoundError
 from imlt.trainer.storage.redact import REDACT_FILTER, remember_secrets, scrub
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ T = TypeVar("T")
 RETRY_ATTEMPTS = 4  # total tries of one request on a transient failure
 RETRY_BASE_DELAY = 0.2  # seconds; doubles per try, with jitter
 RETRY_MAX_DELAY = 5.0
+CIRCUIT_FAILURES = 8  # connection failures in a row, across all objects, that stop every request to an endpoint
+CIRCUIT_COOLDOWN = 30.0  # seconds the stopped endpoint fails fast before one request may probe it again
 OSS_TIMEOUT = 30.0  # seconds, connect and read (oss2 uses one value for both)
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # payloads above this use a multipart upload
 PART_SIZE = 16 * 1024 * 1024  # OSS minimum for non-last parts is 100 KiB
@@ -108,6 +111,7 @@ class OssSettings(BaseModel):
 _lock = threading.RLock()
 _explicit_settings: OssSettings | None = None
 _buckets: dict[tuple[Any, ...], Any] = {}
+_breakers: dict[str, _CircuitBreaker] = {}  # per endpoint
 _redacting_loggers: set[str] = set()
 _logger_count_seen = 0
 
@@ -118,12 +122,14 @@ def configure_oss(settings: OssSettings | None) -> None:
     with _lock:
         _explicit_settings = settings
         _buckets.clear()
+        _breakers.clear()
 
 
 def reset_clients() -> None:
-    """Drop cached oss2 clients (e.g. after the environment's credentials changed)."""
+    """Drop cached oss2 clients (e.g. after the environment's credentials changed) and endpoint states."""
     with _lock:
         _buckets.clear()
+        _breakers.clear()
 
 
 def current_oss_settings() -> OssSettings:
@@ -289,6 +295,57 @@ def _describe(e: BaseException) -> str:
     return type(e).__name__ + (f"/{type(inner).__name__}" if inner is not None else "")
 
 
+def _is_connection_failure(e: BaseException) -> bool:
+    """No answer from the endpoint (refused, reset, timed out, cut body), as opposed to an error answer."""
+    import oss2
+    import requests
+    import urllib3
+
+    return isinstance(e, (_TruncatedBody, ConnectionError, TimeoutError, oss2.exceptions.RequestError,
+                          requests.exceptions.RequestException, urllib3.exceptions.HTTPError))
+
+
+class _CircuitBreaker:
+    """Counts connection failures in a row to one endpoint, across every object and thread.
+
+    Per-request retries alone turn a dead endpoint into minutes of warnings (every image retried
+    with backoff); after CIRCUIT_FAILURES in a row the endpoint is declared down and every request
+    fails at once with one error naming it, until CIRCUIT_COOLDOWN lets a request probe again.
+    Hand-written: tenacity retries one call and has no state shared across calls.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.lock = threading.Lock()
+
+    def check(self, url: str) -> None:
+        with self.lock:
+            if self.opened_at is None or time.monotonic() - self.opened_at >= CIRCUIT_COOLDOWN:
+                return
+            failures = self.failures
+        raise EndpointUnavailableError(
+            f"OSS endpoint {self.endpoint} is unreachable: {failures} requests in a row got no answer "
+            f"(the last for {url}); stopping instead of retrying object by object - check the endpoint "
+            "and the network, then run the step again"
+        )
+
+    def record(self, failed: bool) -> None:
+        with self.lock:
+            if not failed:
+                self.failures, self.opened_at = 0, None
+                return
+            self.failures += 1
+            if self.failures >= CIRCUIT_FAILURES:
+                self.opened_at = time.monotonic()
+
+
+def _breaker(endpoint: str) -> _CircuitBreaker:
+    with _lock:
+        return _breakers.setdefault(endpoint, _CircuitBreaker(endpoint))
+
+
 def _backoff(state: tenacity.RetryCallState) -> float:
     """RETRY_BASE_DELAY * 2^(n-1), capped, times a jitter in [0.5, 1] (read at call time: tests tune it).
 
@@ -316,6 +373,18 @@ def _retrying(t: _OssTarget, what: str, fn: Callable[[], T]) -> T:
             t.url, what, _describe(error) if error else "?", state.attempt_number, RETRY_ATTEMPTS - 1, delay,
         )
 
+    breaker = _breaker(t.endpoint)
+
+    def attempt() -> T:
+        breaker.check(t.url)
+        try:
+            result = fn()
+        except Exception as e:
+            breaker.record(failed=_is_connection_failure(e))
+            raise
+        breaker.record(failed=False)
+        return result
+
     retryer = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
         wait=_backoff,
@@ -324,7 +393,7 @@ def _retrying(t: _OssTarget, what: str, fn: Callable[[], T]) -> T:
         reraise=True,
     )
     try:
-        return retryer(fn)
+        return retryer(attempt)
     except Exception as e:
         err = _translate(e, t, retryer.statistics.get("attempt_number", 1))
         if err is e:
@@ -333,19 +402,32 @@ def _retrying(t: _OssTarget, what: str, fn: Callable[[], T]) -> T:
 
 
 def _forbid_overwrite_put(t: _OssTarget, data: bytes) -> bool:
-    """PutObject with x-oss-forbid-overwrite; False when the name is taken (409 FileAlreadyExists)."""
+    """PutObject with x-oss-forbid-overwrite; False when the name is taken (409 FileAlreadyExists).
+
+    A retry after a lost answer (the first PUT stored the object, then the connection dropped)
+    gets 409 for our own object: then the object's ETag (the MD5 of a simple upload) is compared
+    with our bytes, so the caller keeps its claim instead of moving on and leaving an orphan.
+    """
     import oss2
 
+    tries = 0
+
     def once() -> bool:
+        nonlocal tries
+        tries += 1
         try:
             t.bucket.put_object(t.key, data, headers={"x-oss-forbid-overwrite": "true"})
         except oss2.exceptions.ServerError as e:
             if e.status == 409 and e.code == "FileAlreadyExists":
-                return False
+                return tries > 1 and _etag(t.bucket.head_object(t.key).etag) == hashlib.md5(data).hexdigest()
             raise
         return True
 
     return _retrying(t, "create", once)
+
+
+def _etag(value: str | None) -> str:
+    return (value or "").strip('"').lower()
 
 
 def _multipart_write(t: _OssTarget, data: bytes) -> None:
