@@ -25,7 +25,8 @@ from tests.colour_data import write_colour_dataset
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import engine
 from imlt.trainer.config import ConfigError, Scheduler, validate_config
-from imlt.trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, lr_factor, run_training
+from imlt.trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, run_training
+from imlt.trainer.optim import lr_factor
 from imlt.trainer.history import read_history
 from imlt.trainer.steps import TrainInput
 

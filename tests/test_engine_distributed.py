@@ -33,8 +33,9 @@ from tests.colour_data import write_colour_dataset
 from tests.engine_dist_worker import hooks
 from imlt.trainer import engine, launch
 from imlt.trainer.config import ConfigError, validate_config
-from imlt.trainer.distributed import ShardedCheckpointError, shard_file
-from imlt.trainer.engine import ResumeConfigError, resolve_compute, run_training
+from imlt.trainer.checkpoint import ShardedCheckpointError, shard_file
+from imlt.trainer.compute import resolve_compute
+from imlt.trainer.engine import ResumeConfigError, run_training
 from imlt.trainer.steps import TrainInput
 
 REPO = Path(__file__).resolve().parents[1]
