@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from imlt.trainer.checkpoint import ShardedCheckpointError, load_sharded, save_sharded
 from imlt.trainer.collectives import all_gather_with_grad
 from imlt.trainer.config import LOSS_DEFAULTS, LossConfig, LossName
-from imlt.trainer.losses import ModelParallelAMSoftmax, ModelParallelSoftmax, build_loss, shard_range
+from imlt.trainer.losses import ModelParallelAMSoftmax, build_loss, shard_range
 from imlt.trainer.process_group import DistEnv, init_process_group
 
 REPO = Path(__file__).resolve().parents[1]

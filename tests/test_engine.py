@@ -27,7 +27,7 @@ from imlt.trainer import engine
 from imlt.trainer.config import ConfigError, Scheduler, validate_config
 from imlt.trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, run_training
 from imlt.trainer.optim import lr_factor
-from imlt.trainer.history import read_history
+from imlt.trainer.history import EpochStats
 from imlt.trainer.steps import TrainInput
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_loss_decreases_and_outputs_are_written(reference) -> None:
     assert config["model"]["num_classes"] == 4  # resolved from classes.txt
     assert (out / "classes.txt").read_text().split() == COLOURS
     assert (out / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    history = read_history(str(out))
+    history = [EpochStats.model_validate(h) for h in json.loads((out / "history.json").read_text())]
     assert [h.epoch for h in history] == [1, 2]
     assert all(h.images == 48 and h.images_per_second > 0 and h.seconds > 0 for h in history)
     # warmup over epoch 1 ends at the peak; cosine over epoch 2 brings it near 0

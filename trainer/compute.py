@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -140,3 +142,19 @@ def wrap_objective(model: nn.Module, loss_fn: nn.Module, cfg: RunConfig, device:
 def unwrap(module: nn.Module) -> nn.Module:
     """The bare module inside a DDP wrapper (or the module itself)."""
     return getattr(module, "module", module)
+
+
+def usage_record(wall_seconds: float, cfg: RunConfig, device: torch.device, world_size: int) -> dict[str, Any]:
+    """Billing-style usage (usage.json): each process is an instance billed in whole minutes, rounded up."""
+    cuda = device.type == "cuda"
+    return {
+        "instance_minutes": math.ceil(wall_seconds / 60.0) * world_size,
+        "wall_seconds": round(wall_seconds, 3),
+        "processes": world_size,
+        "nnodes": cfg.compute.nnodes,
+        "nproc_per_node": cfg.compute.nproc_per_node,
+        "device": device.type,
+        "gpu_type": torch.cuda.get_device_name(device) if cuda else cfg.compute.gpu_type,
+        "gpu_count": world_size if cuda else 0,
+        "instance_type": cfg.compute.instance_type,
+    }

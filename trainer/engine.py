@@ -57,7 +57,7 @@ from torch import nn
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import storage
 from imlt.trainer.collectives import barrier, max_across_ranks, mean_across_ranks
-from imlt.trainer.compute import distributed_session, resolve_compute, unwrap, wrap_objective
+from imlt.trainer.compute import distributed_session, resolve_compute, unwrap, usage_record, wrap_objective
 from imlt.trainer.config import ConfigError, ModelType, RunConfig, config_diff
 from imlt.trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes, read_manifest
 from imlt.trainer.data.stream import build_stream, seed_everything
@@ -139,14 +139,9 @@ def resolve_config(cfg: RunConfig, classes: list[str], dataset_dir: str) -> RunC
 
 def _check_labels(records: list[ManifestRecord], num_classes: int, dataset_dir: str) -> None:
     for r in records:
-        if not r.labels:
-            raise ValueError(f"{storage.join(dataset_dir, MANIFEST)}: record from {r.source} has no label")
-        bad = [lab for lab in r.labels if not 0 <= lab < num_classes]
-        if bad:
-            raise ValueError(
-                f"{storage.join(dataset_dir, MANIFEST)}: record from {r.source} has label id {bad[0]}, "
-                f"outside 0..{num_classes - 1} of classes.txt"
-            )
+        problem = r.label_problem(num_classes)
+        if problem:
+            raise ValueError(f"{storage.join(dataset_dir, MANIFEST)}: record from {r.source}: {problem}")
 
 
 class Trainer:
@@ -477,26 +472,10 @@ class Trainer:
         """Training wall time over all invocations (time after the last checkpoint of a killed run is lost)."""
         return self.prior_wall_seconds + (time.monotonic() - self._wall_start)
 
-    def usage(self) -> dict[str, Any]:
-        """Billing-style usage: each process is an instance billed in whole minutes, rounded up."""
-        wall = self.wall_seconds
-        cuda = self.device.type == "cuda"
-        return {
-            "instance_minutes": math.ceil(wall / 60.0) * self.world_size,
-            "wall_seconds": round(wall, 3),
-            "processes": self.world_size,
-            "nnodes": self.cfg.compute.nnodes,
-            "nproc_per_node": self.cfg.compute.nproc_per_node,
-            "device": self.device.type,
-            "gpu_type": torch.cuda.get_device_name(self.device) if cuda else self.cfg.compute.gpu_type,
-            "gpu_count": self.world_size if cuda else 0,
-            "instance_type": self.cfg.compute.instance_type,
-        }
-
     def _finish(self) -> TrainOutput:
         from imlt.trainer.model import save_embedding_model
 
-        usage = self.usage()
+        usage = usage_record(self.wall_seconds, self.cfg, self.device, self.world_size)
         if self.env.is_main:
             save_embedding_model(unwrap(self.model), self.cfg, self.output_dir, self.classes)
             write_history(self.output_dir, self.history)

@@ -83,10 +83,6 @@ def write_history(output_dir: str, history: list[EpochStats]) -> str:
     return url
 
 
-def read_history(output_dir: str) -> list[EpochStats]:
-    return [EpochStats.model_validate(h) for h in json.loads(storage.read_text(storage.join(output_dir, HISTORY)))]
-
-
 def plot_training_curve(history: list[EpochStats], url: str) -> None:
     """Loss (total, metric, classification) and learning rate per epoch, as a PNG at `url`."""
     # Figure + Agg canvas directly (not pyplot): no global figure state, no display needed.
