@@ -62,8 +62,9 @@ from imlt.trainer.config import ConfigError, ModelType, RunConfig, config_diff
 from imlt.trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes, read_manifest
 from imlt.trainer.data.stream import build_stream, seed_everything
 from imlt.trainer.device import resolve_device
-from imlt.trainer.history import CURVE, EpochMeter, EpochStats, plot_training_curve, write_history
+from imlt.trainer.history import EpochMeter, EpochStats, plot_training_curve, write_history
 from imlt.trainer.losses import LossOutput, build_loss
+from imlt.trainer.model_files import CONFIG, CURVE, USAGE
 from imlt.trainer.optim import build_optimizer, build_scheduler
 from imlt.trainer.process_group import DistEnv, local_device
 from imlt.trainer.steps import TrainInput, TrainOutput
@@ -71,8 +72,6 @@ from imlt.trainer.steps import TrainInput, TrainOutput
 log = logging.getLogger(__name__)
 
 MAX_SECONDS_ENV = "IMLT_MAX_SECONDS"
-CONFIG_FILE = "config.json"
-USAGE_FILE = "usage.json"
 # Checkpoint keys that differ per rank in a model-parallel run (the class shard and its optimiser state).
 SHARDED_KEYS = ("loss", "optimizer")
 
@@ -240,7 +239,7 @@ class Trainer:
         self._clock_start, self._wall_start = self.clock(), time.monotonic()
         self._start_or_resume()  # before any write: a refused resume leaves the folder as it was
         if self.env.is_main:
-            storage.write_text(storage.join(self.output_dir, CONFIG_FILE), json.dumps(self.cfg.dump(), indent=2) + "\n")
+            storage.write_text(storage.join(self.output_dir, CONFIG), json.dumps(self.cfg.dump(), indent=2) + "\n")
         self._log(
             "training %s on %s x %d (%s): %d images, %d classes, %d batches/epoch, epochs %d..%d of %d",
             self.cfg.model.backbone, self.device, self.world_size, self.cfg.compute.model_type.value,
@@ -480,7 +479,7 @@ class Trainer:
             save_embedding_model(unwrap(self.model), self.cfg, self.output_dir, self.classes)
             write_history(self.output_dir, self.history)
             plot_training_curve(self.history, storage.join(self.output_dir, CURVE))
-            storage.write_text(storage.join(self.output_dir, USAGE_FILE), json.dumps(usage, indent=2) + "\n")
+            storage.write_text(storage.join(self.output_dir, USAGE), json.dumps(usage, indent=2) + "\n")
         barrier()  # the model folder is complete when any rank returns
         final_loss = self.history[-1].loss if self.history else self.meter.mean_loss
         return TrainOutput(

@@ -14,8 +14,7 @@ from pydantic import BaseModel, Field
 
 from imlt.trainer import storage
 
-HISTORY = "history.json"
-CURVE = "training_curve.png"
+from imlt.trainer.model_files import HISTORY
 
 
 class EpochStats(BaseModel):

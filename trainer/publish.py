@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from imlt.trainer import storage
+from imlt.trainer.model_files import CARD_JSON, CARD_MD, CLASSES, CONFIG, ONNX, TORCHSCRIPT, USAGE, WEIGHTS
 from imlt.trainer.steps import PublishInput, PublishOutput
 
 if TYPE_CHECKING:
@@ -45,11 +46,6 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 RESERVED = ".reserved"
-TORCHSCRIPT = "model.ts"
-ONNX = "model.onnx"
-CARD_JSON = "model_card.json"
-CARD_MD = "MODEL_CARD.md"
-USAGE = "usage.json"
 EXPORT_TOLERANCE = 1e-5
 CHECK_BATCHES = (2, 3)  # two sizes: a dynamic batch dimension that was baked in fails the check
 _VERSION_DIR = re.compile(r"v(\d+)")
@@ -62,7 +58,7 @@ class PublishError(RuntimeError):
 def publish_model(inp: PublishInput) -> PublishOutput:
     """Gate on Recall@1, export and check, upload DEST/vN/, then point DEST/latest at it."""
     from imlt.trainer.evaluate import read_metrics
-    from imlt.trainer.model import CLASSES, CONFIG, WEIGHTS, load_embedding_model
+    from imlt.trainer.model import load_embedding_model
 
     metrics = read_metrics(inp.metrics_dir) if inp.metrics_dir else None
     refusal = gate_refusal(metrics, inp.min_recall_at_1, inp.metrics_dir)
@@ -281,7 +277,7 @@ def model_card(
     export_diffs: dict[str, float],
 ) -> dict[str, Any]:
     """Everything a consumer needs to trust and use a version, as JSON."""
-    classes = (staging / "classes.txt").read_text(encoding="utf-8").splitlines()
+    classes = (staging / CLASSES).read_text(encoding="utf-8").splitlines()
     size = config["data"]["image_size"]
     return {
         "version": version,
