@@ -42,7 +42,7 @@ BUCKET = "bench"
 
 _SERVER = """
 import sys
-from tests.oss_server import OssTestServer
+from tests.support.oss_server import OssTestServer
 server = OssTestServer(sys.argv[1], sys.argv[2]).start()
 server.create_bucket(sys.argv[3])
 server.default_bucket = sys.argv[3]

@@ -8,7 +8,7 @@ step on the classifier: forward, backward, SGD-with-momentum step (the trainer's
 optimiser). The backbone is left out (random embeddings with requires_grad stand in for it),
 so the numbers are the classifier's own: parameters + gradients + momentum + logits and their
 temporaries + communication buffers.
-- model parallel: trainer.distributed.ModelParallelAMSoftmax, each worker holding ceil(C/W)
+- model parallel: trainer.losses.ModelParallelAMSoftmax, each worker holding ceil(C/W)
   centres and scoring the all-gathered global batch against them;
 - data parallel (baseline): trainer.losses.AMSoftmaxLoss holding all C centres on every worker,
   wrapped in DistributedDataParallel (gradient_as_bucket_view=True, so the all-reduce buckets
@@ -39,10 +39,12 @@ MODES = ("data-parallel", "model-parallel")
 def _build(mode: str, num_classes: int, dim: int, env: Any) -> tuple[Any, int, list[Any]]:
     import torch
 
-    from imlt.trainer import distributed as D
+    from imlt.trainer.collectives import barrier
+    from imlt.trainer.losses import ModelParallelAMSoftmax
+    from imlt.trainer.process_group import destroy_process_group, init_process_group
 
     if mode == "model-parallel":
-        loss_fn = D.ModelParallelAMSoftmax(num_classes, dim, env)
+        loss_fn = ModelParallelAMSoftmax(num_classes, dim, env)
         return loss_fn, loss_fn.classifier.end - loss_fn.classifier.start, list(loss_fn.parameters())
     from torch.nn.parallel import DistributedDataParallel
 
@@ -78,9 +80,11 @@ def worker(spec: dict[str, Any]) -> None:
 
     import torch
 
-    from imlt.trainer import distributed as D
+    from imlt.trainer.collectives import barrier
+    from imlt.trainer.losses import ModelParallelAMSoftmax
+    from imlt.trainer.process_group import destroy_process_group, init_process_group
 
-    env = D.init_process_group("cpu")
+    env = init_process_group("cpu")
     if not torch.distributed.is_initialized():  # a world of one joins nothing, but DDP needs a group
         torch.distributed.init_process_group("gloo", init_method="env://", rank=0, world_size=1)
     torch.manual_seed(env.rank)
@@ -91,7 +95,7 @@ def worker(spec: dict[str, Any]) -> None:
     embeddings.grad = None
     gc.collect()
     labels = torch.randint(0, num_classes, (local_batch,))
-    D.barrier()
+    barrier()
     mem = C.PeakMemory()
     mem.start()
     stages: dict[str, int] = {}
@@ -102,8 +106,8 @@ def worker(spec: dict[str, Any]) -> None:
     result = {"rank": env.rank, "world_size": env.world_size, "rows": rows, "peak_bytes": peak, "stages": stages,
               "seconds": seconds, "loss": loss}
     Path(spec["out"], f"rank{env.rank}.json").write_text(json.dumps(result))
-    D.barrier()
-    D.destroy_process_group()
+    barrier()
+    destroy_process_group()
 
 
 def launch(spec: dict[str, Any], workers: int) -> list[dict[str, Any]]:

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
-from imlt.trainer import distributed as D
+from imlt.trainer.checkpoint import load_sharded, save_sharded
+from imlt.trainer.collectives import all_gather_rows, all_gather_with_grad, barrier
+from imlt.trainer.losses import ModelParallelAMSoftmax, ModelParallelSoftmax, ShardedClassifier
+from imlt.trainer.process_group import destroy_process_group, init_process_group
 
 
 def _local_rows(n_per_rank: list[int], rank: int) -> slice:
@@ -25,7 +28,7 @@ def _local_rows(n_per_rank: list[int], rank: int) -> slice:
 
 
 def compute(inp_path: str, out_dir: str, ckpt_dir: str) -> None:
-    env = D.init_process_group("cpu")
+    env = init_process_group("cpu")
     inp = torch.load(inp_path, weights_only=True)
     rows = _local_rows(inp["n_per_rank"], env.rank)
     num_classes, dim = inp["weight"].shape
@@ -35,9 +38,9 @@ def compute(inp_path: str, out_dir: str, ckpt_dir: str) -> None:
         dtype = getattr(torch, dtype_name)
         for kind in ("softmax", "amsoftmax"):
             if kind == "softmax":
-                loss_fn = D.ModelParallelSoftmax(num_classes, dim, env, scale=inp["softmax_scale"])
+                loss_fn = ModelParallelSoftmax(num_classes, dim, env, scale=inp["softmax_scale"])
             else:
-                loss_fn = D.ModelParallelAMSoftmax(num_classes, dim, env, margin=inp["margin"], scale=inp["scale"])
+                loss_fn = ModelParallelAMSoftmax(num_classes, dim, env, margin=inp["margin"], scale=inp["scale"])
             loss_fn = loss_fn.to(dtype)
             loss_fn.classifier.load_full_weight(inp["weight"].to(dtype))
             emb = inp["embeddings"][rows].to(dtype).clone().requires_grad_(True)
@@ -51,45 +54,31 @@ def compute(inp_path: str, out_dir: str, ckpt_dir: str) -> None:
                 "end": loss_fn.classifier.end,
             }
 
-    # sampled centres (Partial FC style): which classes each rank scored, and the gradients
-    loss_fn = D.ModelParallelAMSoftmax(num_classes, dim, env, margin=inp["margin"], scale=inp["scale"], sample_rate=inp["sample_rate"])
-    loss_fn = loss_fn.double()
-    loss_fn.classifier.load_full_weight(inp["weight"])
-    emb = inp["embeddings"][rows].clone().requires_grad_(True)
-    loss = loss_fn(emb, inp["labels"][rows]).total
-    loss.backward()
-    result["sampled"] = {
-        "loss": loss.detach(),
-        "classes": loss_fn.last_sampled,
-        "grad_embeddings": emb.grad.detach(),
-        "grad_shard": loss_fn.classifier.weight.grad.detach(),
-    }
-
     # all_gather_with_grad: each rank weights the gathered rows differently, so the objective is
     # the sum over ranks of different terms and a row's gradient collects every rank's weights.
     x = inp["embeddings"][rows].clone().requires_grad_(True)
-    gathered = D.all_gather_with_grad(x)
+    gathered = all_gather_with_grad(x)
     (gathered * inp["gather_weights"][env.rank]).sum().backward()
     result["gathered"] = gathered.detach()
     result["gather_grad"] = x.grad.detach()
 
-    emb_all, lab_all = D.gather_embeddings(inp["embeddings"][rows], inp["labels"][rows])
+    emb_all, lab_all = all_gather_rows(inp["embeddings"][rows]), all_gather_rows(inp["labels"][rows])
     result["eval_embeddings"], result["eval_labels"] = emb_all, lab_all
 
-    classifier = D.ShardedClassifier(num_classes, dim, env)
+    classifier = ShardedClassifier(num_classes, dim, env)
     classifier.load_full_weight(inp["weight"].float())
     state = {
         "classifier": classifier.state_dict(),
         "model": {"backbone.w": inp["embeddings"].float()},
         "epoch": 3,
     }
-    D.save_sharded(state, ckpt_dir, env)
+    save_sharded(state, ckpt_dir, env)
     # resume: every rank reads back the replicated part and its own shard
-    result["resumed"] = D.load_sharded(ckpt_dir, env)
-    result["is_main"] = D.is_main()
+    result["resumed"] = load_sharded(ckpt_dir, env)
+    result["is_main"] = env.is_main
     torch.save(result, Path(out_dir) / f"rank{env.rank}.pt")
-    D.barrier()
-    D.destroy_process_group()
+    barrier()
+    destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from imlt.trainer import distributed as D
+from imlt.trainer.collectives import barrier
 from imlt.trainer import engine
 from imlt.trainer.config import validate_config
+from imlt.trainer.process_group import destroy_process_group, init_process_group
 from imlt.trainer.steps import TrainInput
 
 
@@ -92,15 +93,15 @@ def run_one(run: dict, rank: int, state: dict) -> dict:
 def main(spec_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 shared cores: more threads only wait on each other
     spec = json.loads(Path(spec_path).read_text())
-    env = D.init_process_group("cpu")  # once: run_training joins only when no group exists
+    env = init_process_group("cpu")  # once: run_training joins only when no group exists
     state: dict = {}
     for name, fn in hooks(state).items():
         setattr(engine.Trainer, name, fn)
     results = {run["name"]: run_one(run, env.rank, state) for run in spec["runs"]}
     results["_env"] = {"rank": env.rank, "world_size": env.world_size, "pg_alive": torch.distributed.is_initialized()}
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(results, indent=1))
-    D.barrier()
-    D.destroy_process_group()
+    barrier()
+    destroy_process_group()
 
 
 if __name__ == "__main__":

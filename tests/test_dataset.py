@@ -90,7 +90,7 @@ def test_unreadable_image_names_its_annotation_line(tmp_path: Path) -> None:
     ds = ImageDataset([ManifestRecord(uri=str(bad), labels=[0], source="train.txt:7")], SIZE, train=False)
     with pytest.raises(ValueError, match=r"train.txt:7: cannot read image .*bad.png"):
         ds[0]
-    with pytest.raises(ValueError, match="train.txt:3: record .* has no label"):
+    with pytest.raises(ValueError, match="train.txt:3: no label: .*bad.png"):
         ImageDataset([ManifestRecord(uri=str(bad), labels=[], source="train.txt:3")], SIZE, train=False)
 
 

@@ -17,8 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imlt.trainer import distributed as D
+from imlt.trainer.checkpoint import ShardedCheckpointError, load_sharded, save_sharded
+from imlt.trainer.collectives import all_gather_with_grad
 from imlt.trainer.config import LOSS_DEFAULTS, LossConfig, LossName
+from imlt.trainer.losses import ModelParallelAMSoftmax, build_loss, shard_range
+from imlt.trainer.process_group import DistEnv, init_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"
@@ -27,7 +30,6 @@ NUM_CLASSES, DIM = 7, 5  # 7 classes over 2 ranks: shards of 4 and 3 rows
 N_PER_RANK = [3, 2]  # unequal local batches exercise the padded all_gather
 MARGIN, SCALE = LOSS_DEFAULTS[LossName.MODEL_PARALLEL_AMSOFTMAX]
 SOFTMAX_SCALE = 2.0
-SAMPLE_RATE = 0.75  # rank 0 scores 3 of its 4 centres (2 positives + 1 random), rank 1 all 3
 
 
 def _torchrun(*args: str, timeout: float = 120) -> None:
@@ -51,7 +53,6 @@ def _inputs() -> dict[str, object]:
         "margin": MARGIN,
         "scale": SCALE,
         "softmax_scale": SOFTMAX_SCALE,
-        "sample_rate": SAMPLE_RATE,
     }
 
 
@@ -100,29 +101,6 @@ def test_model_parallel_loss_and_gradients_match_single_process(run: dict, kind:
     assert grad_w.abs().sum() > 0 and grad_e.abs().sum() > 0
 
 
-def test_sampled_centres_equal_softmax_over_the_sampled_classes(run: dict) -> None:
-    inp = run["inputs"]
-    parts = [r["sampled"] for r in run["ranks"]]
-    sampled = torch.cat([p["classes"] for p in parts])
-    assert [p["classes"].numel() for p in parts] == [3, 3]
-    assert set(inp["labels"].tolist()) <= set(sampled.tolist())  # every positive is scored
-    # reference: one process, softmax over the sampled classes only
-    remap = {c: i for i, c in enumerate(sampled.tolist())}
-    labels = torch.tensor([remap[c] for c in inp["labels"].tolist()])
-    emb = inp["embeddings"].clone().requires_grad_(True)
-    weight = inp["weight"].clone().requires_grad_(True)
-    cos = F.normalize(emb, dim=1) @ F.normalize(weight[sampled], dim=1).t()
-    ref = F.cross_entropy(SCALE * (cos - MARGIN * F.one_hot(labels, sampled.numel()).double()), labels)
-    ref.backward()
-    for p in parts:
-        assert abs(p["loss"].item() - ref.item()) < 1e-5
-    torch.testing.assert_close(torch.cat([p["grad_embeddings"] for p in parts]), emb.grad, atol=1e-5, rtol=1e-5)
-    grad_w = torch.cat([p["grad_shard"] for p in parts])
-    torch.testing.assert_close(grad_w, weight.grad, atol=1e-5, rtol=1e-5)
-    unsampled = sorted(set(range(NUM_CLASSES)) - set(sampled.tolist()))
-    assert len(unsampled) == 1 and grad_w[unsampled].abs().sum() == 0
-
-
 def test_each_rank_holds_ceil_c_over_w_rows(run: dict) -> None:
     per_rank = math.ceil(NUM_CLASSES / WORLD)
     spans = [(p["start"], p["end"]) for p in (r["losses"][("amsoftmax", "float64")] for r in run["ranks"])]
@@ -143,7 +121,7 @@ def test_all_gather_with_grad_forward_and_backward(run: dict) -> None:
         torch.testing.assert_close(out["gather_grad"], x.grad[rows], atol=1e-12, rtol=0)
 
 
-def test_gather_embeddings_for_evaluation(run: dict) -> None:
+def test_all_gather_rows_for_evaluation(run: dict) -> None:
     inp = run["inputs"]
     for out in run["ranks"]:
         torch.testing.assert_close(out["eval_embeddings"], inp["embeddings"], atol=0, rtol=0)
@@ -157,35 +135,35 @@ def test_sharded_checkpoint_resumes_on_same_world_size(run: dict) -> None:
     weight = run["inputs"]["weight"].float()
     for r in range(WORLD):
         state = run["ranks"][r]["resumed"]
-        start, end = D.shard_range(NUM_CLASSES, r, WORLD)
+        start, end = shard_range(NUM_CLASSES, r, WORLD)
         torch.testing.assert_close(state["classifier"]["weight"], weight[start:end], atol=0, rtol=0)
         assert state["epoch"] == 3
         torch.testing.assert_close(state["model"]["backbone.w"], run["inputs"]["embeddings"].float())
 
 
 def test_sharded_checkpoint_refused_on_other_world_size(run: dict) -> None:
-    with pytest.raises(D.ShardedCheckpointError, match=r"written by 2 workers, this run has 1: resume with --nproc-per-node 2"):
-        D.load_sharded(str(run["ckpt"]), D.DistEnv())
-    with pytest.raises(D.ShardedCheckpointError, match="written by 2 workers, this run has 4"):
-        D.load_sharded(str(run["ckpt"]), D.DistEnv(rank=1, world_size=4))
+    with pytest.raises(ShardedCheckpointError, match=r"written by 2 workers, this run has 1: resume with --nproc-per-node 2"):
+        load_sharded(str(run["ckpt"]), env=DistEnv())
+    with pytest.raises(ShardedCheckpointError, match="written by 2 workers, this run has 4"):
+        load_sharded(str(run["ckpt"]), DistEnv(rank=1, world_size=4))
 
 
 # ---- single process: no torchrun ----------------------------------------------------------------
 
 
 def test_sharded_checkpoint_incomplete_or_missing(tmp_path: Path) -> None:
-    with pytest.raises(D.ShardedCheckpointError, match="no sharded.json"):
-        D.load_sharded(str(tmp_path), D.DistEnv())
-    D.save_sharded({"classifier": {"weight": torch.ones(2, 3)}, "epoch": 1}, str(tmp_path), D.DistEnv())
+    with pytest.raises(ShardedCheckpointError, match="no sharded.json"):
+        load_sharded(str(tmp_path), env=DistEnv())
+    save_sharded({"classifier": {"weight": torch.ones(2, 3)}, "epoch": 1}, str(tmp_path), env=DistEnv())
     (tmp_path / "classifier-rank0-of-1.pt").unlink()
-    with pytest.raises(D.ShardedCheckpointError, match="is missing"):
-        D.load_sharded(str(tmp_path), D.DistEnv())
+    with pytest.raises(ShardedCheckpointError, match="is missing"):
+        load_sharded(str(tmp_path), env=DistEnv())
 
 
 @pytest.mark.parametrize("num_classes", [1, 2, 7, 8, 100, 1001])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
 def test_shard_range_covers_classes_once(num_classes: int, world: int) -> None:
-    spans = [D.shard_range(num_classes, r, world) for r in range(world)]
+    spans = [shard_range(num_classes, r, world) for r in range(world)]
     assert spans[0][0] == 0 and spans[-1][1] == num_classes
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert all(0 <= e - s <= math.ceil(num_classes / world) for s, e in spans)
@@ -196,7 +174,7 @@ def test_shard_range_covers_classes_once(num_classes: int, world: int) -> None:
 def test_one_process_equals_reference(kind: str) -> None:
     inp = _inputs()
     cfg = LossConfig(name=LossName.MODEL_PARALLEL_SOFTMAX if kind == "softmax" else LossName.MODEL_PARALLEL_AMSOFTMAX)
-    loss_fn = D.build_model_parallel_loss(cfg, NUM_CLASSES, DIM, D.DistEnv()).double()
+    loss_fn = build_loss(cfg, NUM_CLASSES, DIM, env=DistEnv()).double()
     if kind == "softmax":
         loss_fn.scale = SOFTMAX_SCALE  # the config default is 1.0; keep the reference's constant
     loss_fn.classifier.load_full_weight(inp["weight"])
@@ -211,35 +189,17 @@ def test_one_process_equals_reference(kind: str) -> None:
     torch.testing.assert_close(loss_fn.classifier.weight.grad, ref_w)
 
 
-def test_build_uses_config_defaults_and_rejects_others() -> None:
-    am = D.build_model_parallel_loss(LossConfig(name=LossName.MODEL_PARALLEL_AMSOFTMAX), 10, 4, D.DistEnv())
+def test_build_uses_config_defaults_and_rejects_a_softmax_margin() -> None:
+    am = build_loss(LossConfig(name=LossName.MODEL_PARALLEL_AMSOFTMAX), 10, 4, env=DistEnv())
     assert (am.margin, am.scale) == LOSS_DEFAULTS[LossName.MODEL_PARALLEL_AMSOFTMAX]
-    with pytest.raises(ValueError, match="not a model-parallel loss"):
-        D.build_model_parallel_loss(LossConfig(name=LossName.ARCFACE), 10, 4, D.DistEnv())
     with pytest.raises(ValueError, match="has no margin"):
-        D.build_model_parallel_loss(LossConfig(name=LossName.MODEL_PARALLEL_SOFTMAX, margin=0.3), 10, 4, D.DistEnv())
-
-
-def test_sampling_keeps_positives_and_is_off_in_eval() -> None:
-    gen = torch.Generator().manual_seed(0)
-    loss_fn = D.ModelParallelSoftmax(1000, 8, sample_rate=0.1)
-    emb, labels = torch.randn(16, 8, generator=gen), torch.randint(0, 1000, (16,), generator=gen)
-    loss_fn(emb, labels)
-    sampled = set(loss_fn.last_sampled.tolist())
-    assert len(sampled) == 100 and set(labels.tolist()) <= sampled
-    loss_fn.eval()
-    full = D.ModelParallelSoftmax(1000, 8)
-    full.classifier.load_full_weight(loss_fn.classifier.weight.detach())
-    torch.testing.assert_close(loss_fn(emb, labels).total, full(emb, labels).total)
-    assert loss_fn.last_sampled is None
-    with pytest.raises(ValueError, match="sample_rate"):
-        D.ModelParallelSoftmax(10, 4, sample_rate=0.0)
+        build_loss(LossConfig(name=LossName.MODEL_PARALLEL_SOFTMAX, margin=0.3), 10, 4, env=DistEnv())
 
 
 def test_loss_weight_mixes_in_a_sharded_softmax_head() -> None:
     inp = _inputs()
     cfg = LossConfig(name=LossName.MODEL_PARALLEL_AMSOFTMAX, weight=0.7)
-    loss_fn = D.build_model_parallel_loss(cfg, NUM_CLASSES, DIM, D.DistEnv()).double()
+    loss_fn = build_loss(cfg, NUM_CLASSES, DIM, env=DistEnv()).double()
     loss_fn.classifier.load_full_weight(inp["weight"])
     head = torch.randn(NUM_CLASSES, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     loss_fn.head.load_full_weight(head)
@@ -249,22 +209,22 @@ def test_loss_weight_mixes_in_a_sharded_softmax_head() -> None:
     torch.testing.assert_close(out.metric, metric)
     torch.testing.assert_close(out.classification, ce)
     torch.testing.assert_close(out.total, 0.7 * metric + 0.3 * ce)
-    assert D.build_model_parallel_loss(LossConfig(name=LossName.MODEL_PARALLEL_AMSOFTMAX), 7, 4, D.DistEnv()).head is None
+    assert build_loss(LossConfig(name=LossName.MODEL_PARALLEL_AMSOFTMAX), 7, 4, env=DistEnv()).head is None
 
 
 def test_labels_out_of_range_are_an_error() -> None:
-    loss_fn = D.ModelParallelAMSoftmax(3, 4)
+    loss_fn = ModelParallelAMSoftmax(3, 4)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
         loss_fn(torch.randn(2, 4), torch.tensor([0, 3]))
 
 
 def test_dist_env_from_environment() -> None:
-    assert D.DistEnv.from_env({}) == D.DistEnv(rank=0, local_rank=0, world_size=1)
-    env = D.DistEnv.from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "29500"})
+    assert DistEnv.from_env({}) == DistEnv(rank=0, local_rank=0, world_size=1)
+    env = DistEnv.from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "29500"})
     assert (env.rank, env.local_rank, env.world_size, env.master_port, env.is_main) == (3, 1, 4, 29500, False)
     with pytest.raises(RuntimeError, match="start the workers with torchrun"):
-        D.DistEnv.from_env({"WORLD_SIZE": "2"})
+        DistEnv.from_env({"WORLD_SIZE": "2"})
     # a single process joins no group and the collectives are identities
-    assert D.init_process_group("cpu", {}) == D.DistEnv()
+    assert init_process_group("cpu", {}) == DistEnv()
     x = torch.randn(3, 2)
-    assert D.all_gather_with_grad(x) is x and D.is_main() and D.get_world_size() == 1
+    assert all_gather_with_grad(x) is x and DistEnv.from_env({}).is_main

@@ -25,8 +25,10 @@ from tests.support.images import write_colour_dataset
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import engine
 from imlt.trainer.config import ConfigError, Scheduler, validate_config
-from imlt.trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, lr_factor, run_training
-from imlt.trainer.history import read_history
+from imlt.trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, run_training
+from imlt.trainer.history import EpochStats
+from imlt.trainer.model_files import CLASSES, CONFIG, CURVE, HISTORY, USAGE, WEIGHTS
+from imlt.trainer.optim import lr_factor
 from imlt.trainer.steps import TrainInput
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +69,7 @@ def checkpoints(output_dir: Path) -> list[str]:
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    wa, wb = load_file(a / WEIGHTS), load_file(b / WEIGHTS)
     assert wa.keys() == wb.keys()
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
@@ -91,17 +93,17 @@ def test_loss_decreases_and_outputs_are_written(reference) -> None:
     assert result.final_loss == losses[-1]
     assert result.model_dir == str(out)
 
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / CONFIG).read_text())
     assert config["config_hash"] == result.config_hash
     assert config["model"]["num_classes"] == 4  # resolved from classes.txt
-    assert (out / "classes.txt").read_text().split() == COLOURS
-    assert (out / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    history = read_history(str(out))
+    assert (out / CLASSES).read_text().split() == COLOURS
+    assert (out / CURVE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = [EpochStats.model_validate(h) for h in json.loads((out / HISTORY).read_text())]
     assert [h.epoch for h in history] == [1, 2]
     assert all(h.images == 48 and h.images_per_second > 0 and h.seconds > 0 for h in history)
     # warmup over epoch 1 ends at the peak; cosine over epoch 2 brings it near 0
     assert history[0].lr == pytest.approx(0.05) and 0 < history[1].lr < 0.1 * 0.05
-    usage = json.loads((out / "usage.json").read_text())
+    usage = json.loads((out / USAGE).read_text())
     assert usage["instance_minutes"] == result.instance_minutes == math.ceil(usage["wall_seconds"] / 60)
     assert usage["device"] == "cpu" and usage["gpu_count"] == 0
     assert checkpoints(out) == ["epoch-0001.ckpt", "epoch-0002.ckpt"]
@@ -128,7 +130,7 @@ def test_rerun_of_a_finished_run_does_not_train_again(reference, tmp_path: Path,
     out, result = reference
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    (copy / "model.safetensors").unlink()
+    (copy / WEIGHTS).unlink()
     again = train(copy, dataset)  # output_dir differs, so compare against a run in `copy` itself
     assert again.epochs_completed == 2 and [h["loss"] for h in again.history] == [h["loss"] for h in result.history]
     assert_same_weights(out, copy)
@@ -178,7 +180,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path: Path, dataset
         child.stderr.close()
     assert child.returncode == -signal.SIGKILL
     assert checkpoints(out) == ["epoch-0001.ckpt"]
-    assert not (out / "model.safetensors").exists()
+    assert not (out / WEIGHTS).exists()
 
     result = run_training(TrainInput(config=validate_config(raw), train_dataset=dataset))
     assert result.epochs_completed == 2
@@ -231,7 +233,7 @@ def test_time_limit_stops_cleanly_and_resume_finishes(
     assert len(first.history) == 1
     # 8 steps = 1 epoch + 2 batches: checkpoint there, and a usable model is written anyway
     assert checkpoints(tmp_path)[0] == "epoch-0001-batch-000002.ckpt"
-    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "history.json").exists()
+    assert (tmp_path / WEIGHTS).exists() and (tmp_path / HISTORY).exists()
 
     monkeypatch.setattr(Trainer, "training_step", step)
     second = run_training(TrainInput(config=cfg, train_dataset=dataset))
@@ -257,13 +259,13 @@ def test_loader_workers_do_not_change_the_result(reference, tmp_path: Path, data
 
 def test_resume_with_changed_config_is_refused_naming_the_fields(tmp_path: Path, dataset: str) -> None:
     train(tmp_path, dataset, train={"epochs": 1})
-    before = (tmp_path / "config.json").read_text()
+    before = (tmp_path / CONFIG).read_text()
     with pytest.raises(ResumeConfigError) as info:
         train(tmp_path, dataset, optim={"lr": 0.01}, train={"epochs": 3})
     message = str(info.value)
     assert "optim.lr: 0.05 -> 0.01" in message and "train.epochs: 1 -> 3" in message
     assert "output_dir:" not in message and "epoch-0001.ckpt" in message
-    assert (tmp_path / "config.json").read_text() == before  # refused before writing anything
+    assert (tmp_path / CONFIG).read_text() == before  # refused before writing anything
 
     # resume=false starts over in the same folder, removing the old run's checkpoints; this run
     # also shows the cadence: every 2nd epoch, plus the last one
@@ -287,7 +289,7 @@ def test_nan_loss_raises_naming_the_step_and_keeps_the_last_checkpoint(
         train(tmp_path, dataset, train={"epochs": 2})
     assert "epoch-0001.ckpt" in str(info.value)
     assert checkpoints(tmp_path) == ["epoch-0001.ckpt"]
-    assert not (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / WEIGHTS).exists()
     state = ckpt.load_checkpoint(str(tmp_path / "checkpoints" / "epoch-0001.ckpt"))
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 

@@ -32,9 +32,11 @@ from typer.testing import CliRunner
 from tests.support.images import write_colour_dataset
 from tests.engine_dist_worker import hooks
 from imlt.trainer import engine, launch
+from imlt.trainer.checkpoint import ShardedCheckpointError, shard_file
+from imlt.trainer.compute import resolve_compute
 from imlt.trainer.config import ConfigError, validate_config
-from imlt.trainer.distributed import ShardedCheckpointError, shard_file
-from imlt.trainer.engine import ResumeConfigError, resolve_compute, run_training
+from imlt.trainer.engine import ResumeConfigError, run_training
+from imlt.trainer.model_files import CONFIG, HISTORY, USAGE, WEIGHTS
 from imlt.trainer.steps import TrainInput
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +124,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory, dataset: str) -> dict:
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
+    return load_file(folder / WEIGHTS)
 
 
 def assert_close_weights(a: Path, b: Path, atol: float) -> None:
@@ -152,13 +154,13 @@ def test_data_parallel_matches_single_process(launched: dict, dataset: str, tmp_
     out = launched["root"] / "dp"
     assert_close_weights(out, tmp_path, atol=1e-4)
     # rank 0 wrote one model folder; the history counts the global batch
-    hist = json.loads((out / "history.json").read_text())
+    hist = json.loads((out / HISTORY).read_text())
     hist = hist["epochs"] if isinstance(hist, dict) else hist
     assert [h["images"] for h in hist] == [STEPS_PER_EPOCH * 8] * EPOCHS
     assert np.allclose([h["loss"] for h in hist], [h["loss"] for h in ref.history], atol=TOL)
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / CONFIG).read_text())
     assert config["compute"]["nproc_per_node"] == WORLD  # the 1 x 1 config took torchrun's shape
-    usage = json.loads((out / "usage.json").read_text())
+    usage = json.loads((out / USAGE).read_text())
     assert usage["processes"] == WORLD
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001.ckpt", "epoch-0002.ckpt"]
     timeless = [{k: v for k, v in r["result"].items() if k not in ("history", "instance_minutes")} for r in (rank0, rank1)]
@@ -231,10 +233,10 @@ def test_model_parallel_sigterm_on_one_rank_resumes_exactly(launched: dict) -> N
 def test_sharded_checkpoint_refuses_another_world_size(launched: dict, dataset: str, tmp_path: Path) -> None:
     copy = tmp_path / "mp"
     shutil.copytree(launched["root"] / "mp", copy)
-    before = (copy / "config.json").read_text()
+    before = (copy / CONFIG).read_text()
     with pytest.raises(ShardedCheckpointError, match=r"written by 2 workers, this run has 1: resume with --nproc-per-node 2"):
         run_training(TrainInput(config=validate_config(raw_config(copy, model_parallel=True)), train_dataset=dataset))
-    assert (copy / "config.json").read_text() == before
+    assert (copy / CONFIG).read_text() == before
 
 
 # --- launch through the CLI -------------------------------------------------------------------------
@@ -255,10 +257,10 @@ def test_imlt_train_nproc_per_node_2_end_to_end(dataset: str, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(proc.stdout)  # printed once, by rank 0
     assert result["epochs_completed"] == 1 and result["model_dir"] == str(out)
-    assert (out / "model.safetensors").exists() and (out / "history.json").exists()
-    config = json.loads((out / "config.json").read_text())
+    assert (out / WEIGHTS).exists() and (out / HISTORY).exists()
+    config = json.loads((out / CONFIG).read_text())
     assert config["compute"]["nproc_per_node"] == 2 and config["train"]["seed"] == 5
-    assert json.loads((out / "usage.json").read_text())["processes"] == 2
+    assert json.loads((out / USAGE).read_text())["processes"] == 2
 
 
 # --- launch and guard logic -----------------------------------------------------------------------
@@ -346,7 +348,7 @@ def test_distributed_mode_without_torchrun_is_refused_not_run_standalone(tmp_pat
     raw = {**raw_config(tmp_path), "compute": {"nproc_per_node": 2}}
     with pytest.raises(ConfigError, match=r"asks for 2 processes.*imlt train --nproc-per-node 2"):
         run_training(TrainInput(config=validate_config(raw), train_dataset=dataset))
-    assert not (tmp_path / "config.json").exists()  # refused before anything was written
+    assert not (tmp_path / CONFIG).exists()  # refused before anything was written
 
 
 def test_resolve_compute_against_torchrun_environment(tmp_path: Path) -> None:

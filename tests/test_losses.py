@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 
-from imlt.trainer.config import LOSS_DEFAULTS, ConfigError, LossConfig, LossName, MODEL_PARALLEL_LOSSES
-from imlt.trainer.losses import LOSSES, AMSoftmaxLoss, ArcFaceLoss, CosFaceLoss, LossOutput, MetricLoss, build_loss
+from imlt.trainer.config import LOSS_DEFAULTS, LossConfig, LossName, MODEL_PARALLEL_LOSSES
+from imlt.trainer.losses import LOSSES, AMSoftmaxLoss, ArcFaceLoss, CosFaceLoss, LossOutput, MetricLoss, ModelParallelLoss, build_loss
 
 SINGLE_PROCESS = [n for n in LossName if n not in MODEL_PARALLEL_LOSSES]
 
@@ -148,14 +148,18 @@ def test_loss_decreases_on_a_tiny_embedding_problem(name: LossName) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_PARALLEL_LOSSES, key=lambda n: n.value))
-def test_model_parallel_losses_need_model_parallel_mode(name: LossName) -> None:
-    with pytest.raises(ConfigError, match="model-parallel"):
-        build_loss(LossConfig(name=name), 5, 8)
+def test_model_parallel_losses_build_from_the_same_registry(name: LossName) -> None:
+    """In one process a model-parallel loss holds every class; its collectives are identities."""
+    loss = build_loss(LossConfig(name=name), 5, 8)
+    assert isinstance(loss, ModelParallelLoss) and (loss.classifier.start, loss.classifier.end) == (0, 5)
+    out = loss(torch.randn(4, 8), torch.tensor([0, 1, 4, 4]))
+    assert torch.isfinite(out.total)
 
 
-def test_registry_covers_every_single_process_loss() -> None:
-    assert set(LOSSES) == set(SINGLE_PROCESS)
-    assert all(issubclass(cls, MetricLoss) for cls in LOSSES.values())
+def test_registry_covers_every_loss() -> None:
+    assert set(LOSSES) == set(LossName)
+    assert all(issubclass(LOSSES[n], MetricLoss) for n in SINGLE_PROCESS)
+    assert all(issubclass(LOSSES[n], ModelParallelLoss) for n in MODEL_PARALLEL_LOSSES)
 
 
 def test_bad_shapes_are_clear_errors() -> None:
@@ -164,3 +168,5 @@ def test_bad_shapes_are_clear_errors() -> None:
         loss(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="labels must be"):
         loss(torch.randn(4, 8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        loss(torch.randn(2, 8), torch.tensor([0, 5]))

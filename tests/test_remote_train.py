@@ -177,13 +177,6 @@ def test_flat_resources_prefers_requests_and_keeps_gpu_limits() -> None:
     assert remote_train.flat_resources(None) is None and remote_train.flat_resources({}) is None
 
 
-def test_model_folder_names_agree_with_the_trainer() -> None:
-    from imlt.trainer import engine, history, model
-
-    assert remote_train.WEIGHTS_FILE == model.WEIGHTS and remote_train.CONFIG_FILE == model.CONFIG == engine.CONFIG_FILE
-    assert remote_train.HISTORY_FILE == history.HISTORY and remote_train.USAGE_FILE == engine.USAGE_FILE
-
-
 def test_collect_output_names_the_missing_file(tmp_path: Path) -> None:
     cfg = load_config({}, {**TINY, "output_dir": str(tmp_path / "empty")})
     with pytest.raises(FileNotFoundError, match="config.json does not exist; the job's pods must write to the same output_dir"):

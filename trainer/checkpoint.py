@@ -11,24 +11,29 @@ tensor, a number, a string or a list/dict/tuple of those (RNG states included).
 
 A model-parallel run writes a *sharded* checkpoint instead: a folder with the same name
 (`epoch-0003.ckpt/`) holding one file per rank for the class shards and their optimiser state,
-the replicated part once, and `sharded.json`, written last (trainer.distributed.save_sharded).
+the replicated part once, and `sharded.json`, written last (`save_sharded`).
 A folder without `sharded.json` is an interrupted save and is not listed.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import random
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
 from imlt.trainer import storage
-from imlt.trainer.distributed import SHARD_META
+from imlt.trainer.collectives import barrier
+from imlt.trainer.process_group import DistEnv
 
 CHECKPOINT_DIR = "checkpoints"
+SHARD_META = "sharded.json"
+REPLICATED_FILE = "replicated.pt"
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-batch-(\d{6,}))?\.ckpt$")
 
 
@@ -82,9 +87,7 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
 
 def save_checkpoint(url: str, state: dict[str, Any]) -> None:
     """Serialise in memory, then one atomic write: a crash mid-save leaves the previous file intact."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.write_bytes(url, buf.getvalue())
+    storage.write_bytes(url, _to_bytes(state))
 
 
 def load_checkpoint(url: str) -> dict[str, Any]:
@@ -129,3 +132,91 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# --- sharded checkpoints (model parallel) ----------------------------------------------------------
+
+
+class ShardedCheckpointError(RuntimeError):
+    """A sharded checkpoint that cannot be used by this run; the message says what to do."""
+
+
+def shard_file(rank: int, world_size: int) -> str:
+    return f"classifier-rank{rank}-of-{world_size}.pt"
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes, url: str) -> Any:
+    try:
+        # weights_only: a checkpoint is data, never code to run
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ShardedCheckpointError(f"{url}: not a readable checkpoint file ({type(e).__name__}: {e})") from None
+
+
+def save_sharded(state: dict[str, Any], directory: str, env: DistEnv, *, sharded_keys: Iterable[str] = ("classifier",)) -> None:
+    """Write `state`: keys in `sharded_keys` once per rank, everything else once from rank 0.
+
+    Every rank must call this (it synchronises). `sharded.json` is written last, by rank 0 after
+    all shards exist, so a folder without it is an interrupted save. An optimizer that holds the
+    shard's parameters has per-rank state too: list its key in `sharded_keys`.
+    """
+    keys = list(sharded_keys)
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise KeyError(f"save_sharded: state has no {', '.join(missing)} (keys: {', '.join(state)})")
+    shard = {k: state[k] for k in keys}
+    storage.write_bytes(storage.join(directory, shard_file(env.rank, env.world_size)), _to_bytes(shard))
+    barrier()
+    if env.rank == 0:
+        replicated = {k: v for k, v in state.items() if k not in keys}
+        storage.write_bytes(storage.join(directory, REPLICATED_FILE), _to_bytes(replicated))
+        meta = {
+            "format": 1,
+            "world_size": env.world_size,
+            "sharded_keys": keys,
+            "shard_files": [shard_file(r, env.world_size) for r in range(env.world_size)],
+            "replicated_file": REPLICATED_FILE,
+        }
+        storage.write_text(storage.join(directory, SHARD_META), json.dumps(meta, indent=2) + "\n")
+    barrier()
+
+
+def read_shard_meta(directory: str) -> dict[str, Any]:
+    url = storage.join(directory, SHARD_META)
+    if not storage.exists(url):
+        raise ShardedCheckpointError(
+            f"{directory}: no {SHARD_META}; not a sharded checkpoint, or its save was interrupted"
+        )
+    try:
+        meta = json.loads(storage.read_text(url))
+        int(meta["world_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardedCheckpointError(f"{url}: unreadable ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def load_sharded(directory: str, env: DistEnv) -> dict[str, Any]:
+    """This rank's view of a sharded checkpoint: the replicated part plus its own shard.
+
+    The shard layout depends on the world size, so a different world size is refused.
+    """
+    meta = read_shard_meta(directory)
+    written_by = int(meta["world_size"])
+    if written_by != env.world_size:
+        raise ShardedCheckpointError(
+            f"checkpoint {directory} was written by {written_by} workers, this run has {env.world_size}: "
+            f"resume with --nproc-per-node {written_by} (or nnodes x nproc-per-node = {written_by}), "
+            "or start a new run in a new output_dir; the class shards depend on the number of workers"
+        )
+    shard_url = storage.join(directory, shard_file(env.rank, env.world_size))
+    if not storage.exists(shard_url):
+        raise ShardedCheckpointError(f"{shard_url} is missing: the checkpoint in {directory} is incomplete")
+    state = dict(_from_bytes(storage.read_bytes(storage.join(directory, meta.get("replicated_file", REPLICATED_FILE))), directory))
+    state.update(_from_bytes(storage.read_bytes(shard_url), shard_url))
+    return state

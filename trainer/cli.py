@@ -159,7 +159,9 @@ def train(
                                                  master_addr=master_addr, master_port=master_port))
         raise typer.Exit(code)
     result = _call(steps.train, steps.TrainInput(config=cfg, train_dataset=train_dataset, val_dataset=val_dataset, resume=resume))
-    if launch.is_main_process():
+    from imlt.trainer.process_group import DistEnv  # torch-free: rank 0 prints the result
+
+    if DistEnv.from_env().is_main:
         _emit(result)
 
 

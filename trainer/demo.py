@@ -18,6 +18,7 @@ from imlt.trainer import storage
 from imlt.trainer.config import validate_config
 from imlt.trainer.data.manifest import read_manifest
 from imlt.trainer.data.synthetic import generate_glyphs
+from imlt.trainer.model_files import CURVE
 from imlt.trainer.pipeline import PipelineConfig, PublishSettings, run_pipeline
 
 METRIC_KEYS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r")
@@ -88,6 +89,6 @@ def run_demo(output: Path, epochs: int, backbone: str, seed: int, console: Conso
     pub = result.published
     console.print(f"Model published: [bold]{pub.version_dir}[/] (version {pub.version}); "
                   f"`latest` -> {storage.join(pc.publish.destination, 'latest')}")
-    console.print(f"Training curve: {storage.join(result.trained.model_dir, 'training_curve.png')}; "
+    console.print(f"Training curve: {storage.join(result.trained.model_dir, CURVE)}; "
                   f"Recall@K plot: {storage.join(result.evaluation.metrics_dir, 'recall_at_k.png')}")
     console.print(f"Done in {time.monotonic() - start:.0f} s.")

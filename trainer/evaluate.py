@@ -15,6 +15,7 @@ import numpy as np
 
 from imlt.trainer import storage
 from imlt.trainer.data.manifest import ManifestRecord, read_manifest
+from imlt.trainer.device import resolve_device
 from imlt.trainer.retrieval import retrieval_metrics
 from imlt.trainer.steps import EvaluateInput, EvaluateOutput
 
@@ -35,7 +36,7 @@ def evaluate_model(inp: EvaluateInput) -> EvaluateOutput:
     records = read_manifest(inp.dataset_dir)
     if not records:
         raise ValueError(f"{storage.join(inp.dataset_dir, 'manifest.jsonl')}: the dataset is empty")
-    device = resolve_device(cfg.train.device.value)
+    device = resolve_device()  # this host's own device, whatever the training config asked for
     log.info("embedding %d images from %s on %s", len(records), inp.dataset_dir, device)
     embeddings, labels = embed(model, records, cfg.data.image_size, inp.batch_size, inp.reader_threads, device)
     metrics = retrieval_metrics(embeddings, labels, ks=tuple(inp.ks))
@@ -61,14 +62,6 @@ def read_metrics(metrics_dir: str) -> dict[str, Any]:
     if not isinstance(metrics, dict):
         raise ValueError(f"{url}: expected a JSON object of metrics, got {type(metrics).__name__}")
     return metrics
-
-
-def resolve_device(name: str = "auto") -> "torch.device":
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def embed(

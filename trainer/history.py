@@ -14,8 +14,7 @@ from pydantic import BaseModel, Field
 
 from imlt.trainer import storage
 
-HISTORY = "history.json"
-CURVE = "training_curve.png"
+from imlt.trainer.model_files import HISTORY
 
 
 class EpochStats(BaseModel):
@@ -81,10 +80,6 @@ def write_history(output_dir: str, history: list[EpochStats]) -> str:
     url = storage.join(output_dir, HISTORY)
     storage.write_text(url, json.dumps([h.model_dump() for h in history], indent=2) + "\n")
     return url
-
-
-def read_history(output_dir: str) -> list[EpochStats]:
-    return [EpochStats.model_validate(h) for h in json.loads(storage.read_text(storage.join(output_dir, HISTORY)))]
 
 
 def plot_training_curve(history: list[EpochStats], url: str) -> None:

@@ -37,11 +37,6 @@ def under_torchrun(environ: Mapping[str, str] | None = None) -> bool:
     return "RANK" in (os.environ if environ is None else environ)
 
 
-def is_main_process(environ: Mapping[str, str] | None = None) -> bool:
-    """Rank 0, or a single process: the one that prints results."""
-    return int((os.environ if environ is None else environ).get("RANK", "0")) == 0
-
-
 def needs_launch(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> bool:
     """More than one process asked for (nnodes x nproc_per_node) and torchrun not yet running."""
     return cfg.compute.world_size > 1 and not under_torchrun(environ)

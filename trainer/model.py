@@ -25,12 +25,9 @@ from torch import nn
 
 from imlt.trainer import storage
 from imlt.trainer.config import ModelConfig, RunConfig, timm_name, validate_config
+from imlt.trainer.model_files import CLASSES, CONFIG, WEIGHTS
 
 log = logging.getLogger(__name__)
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-CLASSES = "classes.txt"
 
 # Keys of a classification head in timm/torchvision checkpoints; our backbone has none
 # (num_classes=0), so these are expected leftovers, not problems.

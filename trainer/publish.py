@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from imlt.trainer import storage
+from imlt.trainer.model_files import CARD_JSON, CARD_MD, CLASSES, CONFIG, ONNX, TORCHSCRIPT, USAGE, WEIGHTS
 from imlt.trainer.steps import PublishInput, PublishOutput
 
 if TYPE_CHECKING:
@@ -50,11 +51,6 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 RESERVED = ".reserved"
-TORCHSCRIPT = "model.ts"
-ONNX = "model.onnx"
-CARD_JSON = "model_card.json"
-CARD_MD = "MODEL_CARD.md"
-USAGE = "usage.json"
 EXPORT_TOLERANCE = 1e-5
 CHECK_BATCHES = (2, 3)  # two sizes: a dynamic batch dimension that was baked in fails the check
 RECALL_KEY = "recall_at_1"
@@ -74,7 +70,7 @@ def publish_model(inp: PublishInput) -> PublishOutput:
     new one, and moves `latest` only if the first attempt died before moving it.
     """
     from imlt.trainer.evaluate import read_metrics
-    from imlt.trainer.model import CLASSES, CONFIG, WEIGHTS, load_embedding_model
+    from imlt.trainer.model import load_embedding_model
 
     metrics = read_metrics(inp.metrics_dir) if inp.metrics_dir else None
     go, reason = publish_decision(metrics, None, inp.min_recall_at_1, metrics_dir=inp.metrics_dir)
@@ -357,7 +353,7 @@ def model_card(
     export_diffs: dict[str, float],
 ) -> dict[str, Any]:
     """Everything a consumer needs to trust and use a version, as JSON."""
-    classes = (staging / "classes.txt").read_text(encoding="utf-8").splitlines()
+    classes = (staging / CLASSES).read_text(encoding="utf-8").splitlines()
     size = config["data"]["image_size"]
     return {
         "version": version,

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 
 from imlt.trainer import k8s, storage
 from imlt.trainer.config import RunConfig
+from imlt.trainer.model_files import CONFIG as CONFIG_FILE, HISTORY as HISTORY_FILE, USAGE as USAGE_FILE, WEIGHTS as WEIGHTS_FILE
 from imlt.trainer.steps import RemoteTrainInput, TrainOutput
 
 __all__ = [
@@ -55,12 +56,6 @@ log = logging.getLogger(__name__)
 JOB_CONFIG = "job-config.json"
 # Where staged local datasets go, below output_dir.
 STAGED_INPUTS = "inputs"
-# Files of the model folder (names owned by trainer.model, trainer.history and trainer.engine,
-# which import torch; tests/test_remote_train.py checks they agree).
-WEIGHTS_FILE = "model.safetensors"
-HISTORY_FILE = "history.json"
-USAGE_FILE = "usage.json"
-CONFIG_FILE = "config.json"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 Echo = Callable[[str], None]

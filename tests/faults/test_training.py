@@ -22,6 +22,7 @@ import pytest
 from tests.support.cli import (
     STEPS_PER_EPOCH, checkpoints, imlt, imlt_cmd, run_imlt, subprocess_env, train_args,
 )
+from imlt.trainer.model_files import CONFIG, HISTORY, USAGE, WEIGHTS
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -89,12 +90,12 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert f"last good checkpoint: {out}/checkpoints/epoch-0001.ckpt" in ran.output
     assert checkpoints(out) == ["epoch-0001.ckpt"]
     assert assert_finite_checkpoint(out / "checkpoints" / "epoch-0001.ckpt")["global_step"] == STEPS_PER_EPOCH
-    assert not (out / "model.safetensors").exists()  # no model from a diverged run
+    assert not (out / WEIGHTS).exists()  # no model from a diverged run
 
     resumed = imlt(*train_args(dataset, out, 2))  # the fault was transient: resume finishes the run
     assert resumed.exit_code == 0, resumed.output
     assert resumed.json()["epochs_completed"] == 2
-    assert (out / "model.safetensors").exists()
+    assert (out / WEIGHTS).exists()
 
 
 def test_diverging_learning_rate_stops_at_the_first_bad_step(dataset: str, tmp_path: Path) -> None:
@@ -102,7 +103,7 @@ def test_diverging_learning_rate_stops_at_the_first_bad_step(dataset: str, tmp_p
     assert ran.exit_code == 1, ran.output
     assert "NonFiniteLossError: loss is" in ran.output and "global step" in ran.output
     assert "last good checkpoint: none yet" in ran.output and "Lower optim.lr (now 1e+30)" in ran.output
-    assert not (tmp_path / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "model" / WEIGHTS).exists()
 
 
 # --- SIGTERM to a real `imlt train` process ------------------------------------------------------------
@@ -153,7 +154,7 @@ def test_sigterm_mid_epoch_leaves_a_resumable_checkpoint(dataset: str, tmp_path:
     assert checkpoints(out) == ["epoch-0001-batch-000002.ckpt", "epoch-0001.ckpt"]
     state = assert_finite_checkpoint(Path(mid))
     assert (state["epoch"], state["batch"], state["global_step"]) == (1, 2, STEPS_PER_EPOCH + 2)
-    assert not (out / "model.safetensors").exists()
+    assert not (out / WEIGHTS).exists()
 
     resumed = run_imlt(*args)
     assert resumed.exit_code == 0, resumed.output
@@ -183,7 +184,7 @@ def test_time_limit_checkpoints_and_stops_cleanly(
     state = assert_finite_checkpoint(latest_checkpoint(out))
     assert state["epoch"] == result["epochs_completed"] and state["global_step"] > 0
     assert len(result["history"]) == result["epochs_completed"]
-    for name in ("model.safetensors", "history.json", "usage.json", "config.json"):
+    for name in (WEIGHTS, HISTORY, USAGE, CONFIG):
         assert (out / name).exists(), name  # a usable model of where it stopped
 
     # the next invocation (e.g. the scheduler's retry) continues from there, under its own limit

@@ -40,8 +40,9 @@ class ImageDataset(torch.utils.data.Dataset):
         transform: Callable | None = None,
     ) -> None:
         for r in records:
-            if not r.labels:
-                raise ValueError(f"{r.source}: record for {r.uri} has no label")
+            problem = r.label_problem()
+            if problem:
+                raise ValueError(f"{r.source}: {problem}")
         self.records = list(records)
         self.labels: list[int] = [r.labels[0] for r in self.records]
         self.image_size = image_size

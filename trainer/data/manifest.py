@@ -21,6 +21,19 @@ class ManifestRecord(BaseModel):
     labels: list[int] = Field(..., description="Label ids (indices into classes.txt); the first is the primary label")
     source: str = Field(..., description="file:line of the annotation this record came from")
 
+    def label_problem(self, num_classes: int | None = None) -> str | None:
+        """What is wrong with this record's labels (none, or an id outside the class list), or None.
+
+        The one label check: validate reports it per annotation line, training refuses the
+        dataset with it, and the image dataset refuses an unlabelled record.
+        """
+        if not self.labels:
+            return f"no label: {self.uri}"
+        bad = [i for i in self.labels if num_classes is not None and not 0 <= i < num_classes]
+        if bad:
+            return f"label id {bad[0]} out of range: classes.txt has {num_classes} classes (ids 0..{num_classes - 1})"
+        return None
+
 
 class DatasetSummary(BaseModel):
     split: str

@@ -132,12 +132,9 @@ def _read_manifest_lines(dataset_dir: str) -> list[tuple[int, ManifestRecord]]:
 def _label_problems(records: list[ManifestRecord], num_classes: int) -> list[Problem]:
     problems = []
     for r in records:
-        file, line = parse_source(r.source)
-        if not r.labels:
-            problems.append(Problem(file, line, f"no label: {r.uri}"))
-        bad = [i for i in r.labels if not 0 <= i < num_classes]
-        if bad:
-            problems.append(Problem(file, line, f"label id {bad[0]} out of range: classes.txt has {num_classes} classes (ids 0..{num_classes - 1})"))
+        problem = r.label_problem(num_classes)
+        if problem:
+            problems.append(Problem(*parse_source(r.source), problem))
     return problems
 
 

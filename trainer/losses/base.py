@@ -7,6 +7,7 @@ classifier (`loss.weight`), shape checks and the autocast guard live here once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +42,16 @@ class MetricLoss(nn.Module):
         self.weight = weight
         self.classifier = nn.Linear(embedding_dim, num_classes) if weight < 1.0 else None
 
+    @classmethod
+    def from_config(cls, margin: float, scale: float, weight: float, num_classes: int, embedding_dim: int, **kw: Any) -> MetricLoss:
+        """What the loss registry calls; a single-process loss ignores the job's `env` and `seed` in `kw`."""
+        return cls(num_classes, embedding_dim, margin=margin, scale=scale, weight=weight)  # type: ignore[call-arg]
+
     def metric_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        self._check(embeddings, labels)
+        check_batch(embeddings, labels, self.num_classes, self.embedding_dim)
         # Margins on cosines near 1 lose all precision in fp16: compute in fp32 whatever the caller's autocast.
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x = embeddings.float()
@@ -58,13 +64,17 @@ class MetricLoss(nn.Module):
                 total = self.weight * metric + (1.0 - self.weight) * ce
         return LossOutput(total=total, metric=metric.detach(), classification=ce.detach())
 
-    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
-            raise ValueError(f"embeddings must be (N, {self.embedding_dim}), got {tuple(embeddings.shape)}")
-        if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"labels must be (N,) with N={embeddings.shape[0]}, got {tuple(labels.shape)}")
-        if labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
-
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, weight={self.weight}"
+
+
+def check_batch(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, embedding_dim: int) -> None:
+    """Shapes, dtype and label range of a batch, checked once for every loss (single-process or sharded)."""
+    if embeddings.ndim != 2 or embeddings.shape[1] != embedding_dim:
+        raise ValueError(f"embeddings must be (N, {embedding_dim}), got {tuple(embeddings.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels must be (N,) with N={embeddings.shape[0]}, got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got {labels.min().item()}..{labels.max().item()}")
