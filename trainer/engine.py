@@ -100,7 +100,7 @@ from imlt.trainer.distributed import (
 from imlt.trainer.history import CURVE, EpochMeter, EpochStats, plot_training_curve, write_history
 from imlt.trainer.launch import under_torchrun
 from imlt.trainer.losses.base import LossOutput
-from imlt.trainer.steps import TrainInput, TrainOutput
+from imlt.trainer.step_models import TrainInput, TrainOutput
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 from imlt.trainer import storage
 from imlt.trainer.data.manifest import ManifestRecord, read_manifest
 from imlt.trainer.retrieval import retrieval_metrics
-from imlt.trainer.steps import EvaluateInput, EvaluateOutput
+from imlt.trainer.step_models import EvaluateInput, EvaluateOutput
 
 if TYPE_CHECKING:
     import torch

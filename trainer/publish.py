@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from imlt.trainer import storage
-from imlt.trainer.steps import PublishInput, PublishOutput
+from imlt.trainer.step_models import PublishInput, PublishOutput
 
 if TYPE_CHECKING:
     import torch

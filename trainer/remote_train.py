@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from imlt.trainer import k8s, storage
 from imlt.trainer.config import RunConfig
-from imlt.trainer.steps import RemoteTrainInput, TrainOutput
+from imlt.trainer.step_models import RemoteTrainInput, TrainOutput
 
 __all__ = [
     "JobRef",

@@ -19,7 +19,7 @@ def import_model(model_url: str, model: dsl.Output[dsl.Model]):
     Returns:
         model: The copied model folder; its metadata records model_url.
     """
-    from imlt.trainer import storage
+    from imlt.trainer import steps
 
-    storage.download_dir(model_url, model.path)
+    steps.STEPS["import_model"](steps.ImportModelInput(model_url=model_url, output_dir=model.path))
     model.metadata["uri"] = model_url

@@ -59,8 +59,8 @@ class ImltStepOperator(BaseOperator):
         if self.hook is not None:
             self.hook.configure_storage(required=self.oss_conn_id != ImltOssHook.default_conn_name)
         try:
-            inp = getattr(steps, self.input_model).model_validate(self.step_fields())
-            out = getattr(steps, self.step)(inp)
+            step = steps.STEPS[self.step]
+            out = step(step.input_model.model_validate(self.step_fields()))
         except (DataError, ConfigError, ValidationError) as e:
             raise AirflowFailException(f"{self.task_id}: {e}") from e
         return out.model_dump(mode="json", exclude=set(self.xcom_exclude))
