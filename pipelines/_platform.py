@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from kfp import dsl, kubernetes
 
+from imlt.components.kfp._factory import Io
 from imlt.trainer.config import INSTANCE_TYPES
 from imlt.trainer.k8s import OSS_SECRET_KEYS as _SECRET_LAYOUT
 
 # The one Secret layout of the project (see trainer.k8s): its keys are the variable names.
 OSS_SECRET_KEYS = {var: var for var, _required in _SECRET_LAYOUT}
+
+# The pipeline input that names the Secret, shared by every pipeline.
+OSS_SECRET_INPUT = Io(
+    "oss_secret_name", "str",
+    "Kubernetes Secret whose keys " + ", ".join(f"{var}{'' if required else ' (optional)'}" for var, required in _SECRET_LAYOUT)
+    + " become every task's environment, for oss:// URLs.",
+    default="'oss-credentials'",
+)
 
 
 def use_oss_secret(task: dsl.PipelineTask, secret_name: str | dsl.PipelineChannel) -> dsl.PipelineTask:

@@ -12,7 +12,11 @@ parameters, defaults and help text from these models and from RunConfig.
 
 from __future__ import annotations
 
-from typing import Any
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -158,3 +162,96 @@ class ImportModelInput(StepModel):
 
 class ImportModelOutput(StepModel):
     model_dir: str
+
+
+# --- parameters as the adapters see them ------------------------------------------------------------
+# KFP inputs, Airflow operator arguments and CLI options are flat names; these helpers derive
+# them (type, default, description) from the models above and from RunConfig, so that an
+# adapter never writes a parameter, its default or its help text a second time.
+
+# Field paths whose leaf name alone would be ambiguous or unclear as a flat parameter name.
+RENAMES = {"loss.name": "loss", "loss.weight": "loss_weight", "compute.mode": "compute_mode"}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One flat parameter of an adapter, for one model field (`path`, dotted for RunConfig)."""
+
+    name: str
+    path: str
+    kind: Any  # str, int, float, bool, list[int], dict: what an adapter accepts
+    default: Any  # in the adapters' spelling (an enum's value); None: unset, derived or the step's choice
+    description: str
+    required: bool
+    nullable: bool  # None is a meaningful value (derive it, or "none")
+
+
+def _adapter_kind(annotation: Any) -> tuple[Any, bool]:
+    """The type an adapter accepts for a field, and whether None is allowed."""
+    nullable = False
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = get_args(annotation)
+        nullable = type(None) in args
+        rest = [a for a in args if a is not type(None)]
+        annotation = str if str in rest else rest[0]  # `list[str] | str`: the string form ("a,b,c" or a file)
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return str, nullable
+    if get_origin(annotation) is list:
+        # a list of names travels as "a,b,c" (or a file path), which the models split
+        return (str if get_args(annotation)[0] is str else annotation), nullable
+    if get_origin(annotation) is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return dict, nullable
+    return annotation, nullable
+
+
+def _spelling(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def model_parameters(model: type[BaseModel], exclude: Iterable[str] = (), prefix: str = "",
+                     flatten: bool = True) -> list[Parameter]:
+    """The fields of a model as flat parameters, sections of RunConfig flattened (`optim.lr` -> `lr`).
+
+    flatten=False keeps a nested model (a step input's `config`) as one parameter.
+    """
+    out: list[Parameter] = []
+    skip = set(exclude)
+    for name, field in model.model_fields.items():
+        path = prefix + name
+        if path in skip:
+            continue
+        if flatten and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += model_parameters(field.annotation, skip, path + ".")
+            continue
+        kind, nullable = _adapter_kind(field.annotation)
+        required = field.is_required()
+        default = None if required else _spelling(field.get_default(call_default_factory=True))
+        if isinstance(default, list):
+            default = [_spelling(v) for v in default]
+        out.append(Parameter(RENAMES.get(path, name), path, kind, default, field.description or "", required, nullable))
+    names = [p.name for p in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:  # a new field whose leaf name clashes: give it an entry in RENAMES
+        raise ValueError(f"{model.__name__}: flat parameter names clash: {dupes}; add them to RENAMES")
+    return out
+
+
+# RunConfig fields that describe how annotations are read: the read_data step's inputs in every
+# adapter; train receives a dataset folder already read, so they are not train parameters there.
+READ_SIDE_FIELDS = ("data.train_annotations", "data.val_annotations", "data.data_root", "data.data_format", "data.delimiter")
+
+
+def config_parameters(exclude: Iterable[str] = ()) -> list[Parameter]:
+    """Every RunConfig field as a flat training parameter (output_dir and the read side excluded)."""
+    return model_parameters(RunConfig, ("output_dir", *READ_SIDE_FIELDS, *exclude))
+
+
+def overrides_from(params: list[Parameter], values: dict[str, Any], unset: tuple[Any, ...] = (None,)) -> dict[str, Any]:
+    """{field path: value} for the parameters given a value; values in `unset` leave the default."""
+    out = {}
+    for p in params:
+        value = values.get(p.name)
+        if value is None or any(value is u or (value == u and type(value) is type(u)) for u in unset):
+            continue
+        out[p.path] = value
+    return out
