@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from imlt.trainer import steps
+from imlt.trainer import steps, storage
 from imlt.trainer.config import ConfigError, load_config
 from imlt.trainer.step_models import Parameter, config_parameters, model_parameters, overrides_from
 
@@ -178,14 +178,47 @@ train.__signature__ = inspect.Signature(_train_options())  # type: ignore[attr-d
 app.command()(train)
 
 
-@app.command()
-def run(config: Annotated[str, typer.Argument(help="Run file: training config sections + `workdir` + `publish`")]) -> None:
-    """All five steps from one run file."""
+RUN_HELP = """All five steps from one run file: read, validate, train, evaluate, publish.
+
+\b
+A run file (YAML, local or oss://; examples/run.yaml is a commented one) has:
+  workdir:  folder for the datasets, validation reports and metrics
+  publish:  destination: folder of v1/, v2/, ... and `latest`;
+            min_recall_at_1: publish only at or above this Recall@1 on val
+  data:     train_annotations, val_annotations, data_format, data_root,
+            class_names, val_class_names, image_size, reader_threads, ...
+  model:    backbone, feature_dim, pretrained, ...
+  loss:     name, margin, scale, weight
+  optim:    optimizer, lr, momentum, weight_decay, scheduler, warmup_epochs
+  train:    batch_size, epochs, checkpoint_every, fp16, seed, device, ...
+  compute:  model_type, mode, nnodes, nproc_per_node, instance_type, gpu_type
+  output_dir (optional): the model folder; default WORKDIR/model
+
+\b
+Every field of data ... compute is the same as in `imlt train --config`
+(`imlt train --help` describes each). A problem in the file exits 2 naming
+the field; a failed step exits 1.
+"""
+
+
+@app.command(help=RUN_HELP)
+def run(config: Annotated[str, typer.Argument(help="Run file (YAML, local or oss://)")]) -> None:
     from imlt.trainer.pipeline import PipelineConfig, run_pipeline
 
     pc = _call(PipelineConfig.from_file, config)
     result = _call(run_pipeline, pc, lambda msg: console.print(f"[bold cyan]{msg}[/]"))
     _emit(result.published)
+    if result.evaluation is not None:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.evaluation.metrics.items() if isinstance(v, float))
+        console.print(f"Metrics on val ({result.evaluation.metrics_dir}): {metrics}", highlight=False)
+    console.print(f"Model folder: {result.trained.model_dir}", highlight=False)
+    pub = result.published
+    if pub.published:
+        console.print(f"Model published: [bold]{pub.version_dir}[/] (version {pub.version}); "
+                      f"`latest` -> {storage.join(pc.publish.destination, 'latest')}", highlight=False)
+    else:
+        console.print(f"Not published: {pub.reason}", highlight=False)
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -194,10 +227,14 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Training epochs")] = 10,
     backbone: Annotated[str, typer.Option(help="Backbone")] = "resnet18",
     seed: Annotated[int, typer.Option(help="Seed for data and training")] = 0,
+    data_only: Annotated[bool, typer.Option(help="Only write the glyph data to OUTPUT/data (what examples/run.yaml reads)")] = False,
 ) -> None:
     """Open-set glyph retrieval end to end: generate data, read, validate, train, evaluate, publish."""
-    from imlt.trainer.demo import run_demo
+    from imlt.trainer.demo import run_demo, write_data
 
+    if data_only:
+        _call(write_data, output, seed, out)
+        return
     _call(run_demo, output, epochs, backbone, seed, out)
 
 

@@ -102,11 +102,20 @@ def define(name: str, src: str, module: str) -> Any:
     return namespace[name]
 
 
-def step_component(name: str, ios: list[Io], summary: str, run: str, module: str,
-                   returns: dict[str, str] | None = None, return_annotation: str | None = None,
-                   **component_options: Any) -> Any:
-    """A KFP component on the project image from generated source (see the module docstring)."""
-    func = define(name, source(name, ios, summary, run, returns, return_annotation), module)
+def step_component(name: str, artifacts: list[Io], summary: str, *, step: str | None = None,
+                   bound: tuple[str, ...] = (), returns: dict[str, str] | None = None,
+                   return_annotation: str | None = None, **component_options: Any) -> Any:
+    """A KFP component on the project image from generated source (see the module docstring).
+
+    Its inputs: `artifacts` (and other hand-made inputs), then every field of `step`'s input
+    model except those `bound` to artifacts. The body is _run.<name>.
+    """
+    from imlt.trainer.step_models import model_parameters
+    from imlt.trainer.steps import STEPS
+
+    fields = [kfp_input(p) for p in model_parameters(STEPS[step].input_model, bound)] if step else []
+    src = source(name, [*artifacts, *fields], summary, name, returns, return_annotation)
+    func = define(name, src, f"imlt.components.kfp.{name}")
     return dsl.component(func, base_image=project_image(), install_kfp_package=False, **component_options)
 
 

@@ -1,7 +1,6 @@
 """KFP component over the evaluate step; its inputs are EvaluateInput's fields."""
 
-from imlt.components.kfp._factory import Io, kfp_input, step_component
-from imlt.trainer.step_models import EvaluateInput, model_parameters
+from imlt.components.kfp._factory import Io, step_component
 
 evaluate = step_component(
     "evaluate",
@@ -10,11 +9,10 @@ evaluate = step_component(
         Io("dataset", "dsl.Input[dsl.Dataset]", "Query/gallery images from read_data; every image queries all the others."),
         Io("metrics", "dsl.Output[dsl.Metrics]", "Recall@K, MAP@R and counts, shown in the run's metrics; the folder holds metrics.json and the plot.", output=True),
         Io("recall_plot", "dsl.Output[dsl.HTML]", "Recall@K curve and the metric table.", output=True),
-        *[kfp_input(p) for p in model_parameters(EvaluateInput, ("model_dir", "dataset_dir", "output_dir"))],
     ],
     summary="Leave-one-out retrieval on a dataset: cosine Recall@K and MAP@R (exact search).",
-    run="evaluate",
-    module=__name__,
+    step="evaluate",
+    bound=("model_dir", "dataset_dir", "output_dir"),
     returns={"Output": "Recall@1, for gating the publish step with dsl.If."},
     return_annotation="float",
 )

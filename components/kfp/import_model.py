@@ -4,16 +4,12 @@ dsl.importer cannot be used for this: the Pipelines backend reads artifact URIs 
 its own object stores (gs://, s3://, minio://), and published models live on OSS.
 """
 
-from imlt.components.kfp._factory import Io, kfp_input, step_component
-from imlt.trainer.step_models import ImportModelInput, model_parameters
+from imlt.components.kfp._factory import Io, step_component
 
 import_model = step_component(
     "import_model",
-    [
-        *[kfp_input(p) for p in model_parameters(ImportModelInput, ("output_dir",))],
-        Io("model", "dsl.Output[dsl.Model]", "The copied model folder; its metadata records model_url.", output=True),
-    ],
+    [Io("model", "dsl.Output[dsl.Model]", "The copied model folder; its metadata records model_url.", output=True)],
     summary="Copy a model folder from local or oss:// storage into a Model artifact.",
-    run="import_model",
-    module=__name__,
+    step="import_model",
+    bound=("output_dir",),
 )

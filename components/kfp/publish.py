@@ -1,7 +1,6 @@
 """KFP component over the publish step; its inputs are PublishInput's fields."""
 
-from imlt.components.kfp._factory import Io, kfp_input, step_component
-from imlt.trainer.step_models import PublishInput, model_parameters
+from imlt.components.kfp._factory import Io, step_component
 
 publish = step_component(
     "publish",
@@ -10,9 +9,8 @@ publish = step_component(
         Io("published_model", "dsl.Output[dsl.Model]", "A copy of the published version folder; its metadata holds the version, its URL and the metrics.", output=True),
         Io("metrics", "Optional[dsl.Input[dsl.Metrics]]", "Evaluation of the model (evaluate); its Recall@1 is checked against min_recall_at_1 and goes into the model card.", default="None"),
         Io("dataset", "Optional[dsl.Input[dsl.Dataset]]", "The train dataset, summarised in the model card.", default="None"),
-        *[kfp_input(p) for p in model_parameters(PublishInput, ("model_dir", "metrics_dir", "dataset_dir"))],
     ],
     summary="Publish a trained model as DESTINATION/vN (weights, TorchScript, ONNX, model card), then move `latest`.",
-    run="publish",
-    module=__name__,
+    step="publish",
+    bound=("model_dir", "metrics_dir", "dataset_dir"),
 )

@@ -26,6 +26,4 @@ train = step_component(
         Io("output_dir", "Optional[str]", "Local or oss:// folder for checkpoints and the model; set it to a fixed folder so a retried task resumes. Default is the model artifact.", default="None"),
     ],
     summary="Train an image metric-learning model (timm backbone, embedding neck, margin loss).",
-    run="train",
-    module=__name__,
 )

@@ -34,8 +34,6 @@ train_on_kubernetes = step_component(
         Io("task_config", "dsl.TaskConfig", "Filled by KFP: the task's resources and node selector, passed through to the job's nodes.", default="None"),
     ],
     summary="Train an image metric-learning model as a Kubernetes job (Kubeflow TrainJob) and wait for it.",
-    run="train_on_kubernetes",
-    module=__name__,
     task_config_passthroughs=[
         dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.RESOURCES, apply_to_task=False),
         dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR, apply_to_task=False),
