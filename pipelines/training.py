@@ -77,7 +77,10 @@ def build_training_pipeline(
             output_dir=p["train_output_dir"], **{t.name: p[t.name] for t in TRAINING_INPUTS},
         )
         if on_kubernetes:
-            trained = train_on_kubernetes(oss_secret=p["oss_secret_name"], legacy_pytorchjob=legacy_pytorchjob, **train_kwargs)
+            # the job's pods run the image this task runs (a container cannot see its own image reference)
+            trained = train_on_kubernetes(oss_secret=p["oss_secret_name"], legacy_pytorchjob=legacy_pytorchjob,
+                                          image=train_on_kubernetes.component_spec.implementation.container.image,
+                                          **train_kwargs)
         else:
             trained = train(**train_kwargs)
         trained.after(train_check, val_check)
@@ -100,9 +103,15 @@ def build_training_pipeline(
     return dsl.pipeline(name=name)(with_interface(body, "training_pipeline", _inputs(instance_type, on_kubernetes), summary))
 
 
-training_pipeline = build_training_pipeline()
-# The reference product's default GPU machine: 8 vCPU, 60 GB, one P100.
-training_pipeline_gpu = build_training_pipeline(instance_type="ecs.gn5-c8g1.2xlarge", name="imlt-training-gpu")
-# The same nodes, two of them by default, as a Kubeflow TrainJob the train task submits.
-training_pipeline_distributed = build_training_pipeline(
-    instance_type="ecs.gn5-c8g1.2xlarge", name="imlt-training-distributed", on_kubernetes=True)
+# The compiled variants (pipelines/compile.py builds each again when compiling for another image).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "training_pipeline": {},
+    # The reference product's default GPU machine: 8 vCPU, 60 GB, one P100.
+    "training_pipeline_gpu": {"instance_type": "ecs.gn5-c8g1.2xlarge", "name": "imlt-training-gpu"},
+    # The same nodes, two of them by default, as a Kubeflow TrainJob the train task submits.
+    "training_pipeline_distributed": {"instance_type": "ecs.gn5-c8g1.2xlarge", "name": "imlt-training-distributed",
+                                      "on_kubernetes": True},
+}
+training_pipeline = build_training_pipeline(**VARIANTS["training_pipeline"])
+training_pipeline_gpu = build_training_pipeline(**VARIANTS["training_pipeline_gpu"])
+training_pipeline_distributed = build_training_pipeline(**VARIANTS["training_pipeline_distributed"])

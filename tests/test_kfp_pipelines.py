@@ -15,6 +15,7 @@ from imlt.pipelines.evaluation import evaluation_pipeline
 from imlt.pipelines.training import training_pipeline
 from tests.kfp_data import write_split
 from imlt.trainer.config import INSTANCE_TYPES
+from imlt.trainer.image import project_image
 
 PIPELINE_DIR = Path(__file__).resolve().parents[1] / "pipelines"
 pytestmark = [
@@ -166,3 +167,30 @@ def test_training_pipeline_end_to_end(tmp_path: Path) -> None:
     evaluation_pipeline(model_url=str(destination / "v1"), annotations=str(val_ann), batch_size=8, reader_threads=0)
     again = _outputs(_run_dir(root, "imlt-evaluation", 0), "evaluate")["metrics"]["metadata"]
     assert again == pytest.approx(logged)
+
+
+def test_compiling_for_another_image_points_every_task_and_job_at_it(tmp_path: Path) -> None:
+    """`imlt kfp compile --image`: every executor runs it, and the TrainJob pods get it too."""
+    image = "registry.cn-hangzhou.aliyuncs.com/team/imlt:7.7.7"
+    compile_all(tmp_path, image=image)
+    for filename in PIPELINES:
+        spec = list(yaml.safe_load_all((tmp_path / filename).read_text()))[0]
+        images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+        assert images == {image}, filename
+    spec = list(yaml.safe_load_all((tmp_path / "training_pipeline_distributed.yaml").read_text()))[0]
+    train = spec["root"]["dag"]["tasks"]["train-on-kubernetes"]["inputs"]["parameters"]["image"]
+    assert train["runtimeValue"]["constant"] == image
+    # the components themselves are left as they were
+    assert {getattr(kfp_components, n).component_spec.implementation.container.image for n in kfp_components.__all__} \
+        == {project_image()}
+
+
+def test_one_image_definition_with_an_environment_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import version
+
+    from imlt.trainer import k8s
+
+    monkeypatch.delenv("IMLT_IMAGE", raising=False)
+    assert project_image() == k8s.default_image() == f"ghcr.io/imlt/imlt:{version('imlt')}"
+    monkeypatch.setenv("IMLT_IMAGE", "reg.example/imlt:dev")
+    assert project_image() == k8s.default_image() == "reg.example/imlt:dev"

@@ -244,9 +244,9 @@ def k8s_job(
     legacy_pytorchjob: Annotated[bool, typer.Option(help="Render a Training Operator v1 PyTorchJob instead of a Kubeflow Trainer TrainJob")] = False,
     train_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the train split (oss://)")] = None,
     val_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the val split (oss://)")] = None,
-    image: Annotated[Optional[str], typer.Option(help="Trainer image (default: the project image of this version)")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Trainer image (default: IMLT_IMAGE, else the project image of this version)")] = None,
     namespace: Annotated[str, typer.Option(help="Kubernetes namespace")] = "default",
-    oss_secret: Annotated[str, typer.Option(help="Secret holding access_key_id / access_key_secret / endpoint")] = "oss-credentials",
+    oss_secret: Annotated[str, typer.Option(help="Secret whose keys OSS_ACCESS_KEY_ID, OSS_ACCESS_KEY_SECRET (+ OSS_ENDPOINT, OSS_REGION, OSS_SESSION_TOKEN) become the pods' environment")] = "oss-credentials",
 ) -> None:
     """Print the Kubernetes manifest that runs `imlt train` on CONFIG with torchrun on every node."""
     from imlt.trainer.k8s import render_for_cli
@@ -254,6 +254,22 @@ def k8s_job(
     extra = [a for flag, v in (("--train-dataset", train_dataset), ("--val-dataset", val_dataset)) if v for a in (flag, v)]
     out.print(_call(lambda: render_for_cli(config, legacy_pytorchjob, image=image, namespace=namespace,
                                            oss_secret=oss_secret, extra_args=extra)), markup=False, highlight=False)
+
+
+kfp_app = typer.Typer(help="Kubeflow Pipelines: compile the pipelines (needs the kfp extra).", no_args_is_help=True)
+app.add_typer(kfp_app, name="kfp")
+
+
+@kfp_app.command("compile")
+def kfp_compile(
+    out_dir: Annotated[Optional[str], typer.Argument(help="Folder for the YAML files (default: the installed pipelines folder)")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Image every component and job pod runs, e.g. registry.cn-hangzhou.aliyuncs.com/NAMESPACE/imlt:TAG (default: IMLT_IMAGE, else the project image of this version)")] = None,
+) -> None:
+    """Compile every pipeline to YAML, for the Pipelines UI or client.upload_pipeline."""
+    from imlt.pipelines import compile as kfp_compiler  # an adapter: kfp is only needed here
+
+    for path in _call(lambda: kfp_compiler.compile_all(out_dir or kfp_compiler.DEFAULT_OUT, image)):
+        out.print(str(path), highlight=False)
 
 
 def _build(model: type, params: dict[str, Any]) -> Any:
