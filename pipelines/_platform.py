@@ -13,7 +13,6 @@ from imlt.trainer.config import INSTANCE_TYPES
 from imlt.trainer.k8s import OSS_SECRET_KEYS as _SECRET_LAYOUT
 
 # The one Secret layout of the project (see trainer.k8s): its keys are the variable names.
-OSS_SECRET_KEYS = {var: var for var, _required in _SECRET_LAYOUT}
 
 # The pipeline input that names the Secret, shared by every pipeline.
 OSS_SECRET_INPUT = Io(
@@ -27,10 +26,15 @@ OSS_SECRET_INPUT = Io(
 def use_oss_secret(task: dsl.PipelineTask, secret_name: str | dsl.PipelineChannel) -> dsl.PipelineTask:
     """Expose the OSS credentials Secret as environment variables of a task.
 
-    Optional, so pipelines on local or MinIO-only data run without creating the Secret; a
-    task that then touches oss:// fails in trainer.storage, naming the missing variable.
+    The Secret's required keys (OSS_ACCESS_KEY_ID, OSS_ACCESS_KEY_SECRET) are required: a task
+    whose Secret is missing, or lacks one of them, does not start, and Kubernetes names the
+    Secret and the key in the pod's status (CreateContainerConfigError), instead of the task
+    starting without credentials and failing at its first oss:// read. The other keys are optional.
     """
-    return kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=OSS_SECRET_KEYS, optional=True)
+    for required in (True, False):
+        keys = {var: var for var, needed in _SECRET_LAYOUT if needed is required}
+        kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=keys, optional=not required)
+    return task
 
 
 def set_train_resources(task: dsl.PipelineTask, instance_type: str | None) -> dsl.PipelineTask:

@@ -66,13 +66,26 @@ def test_every_task_gets_the_oss_secret(filename: str) -> None:
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == set(spec["deploymentSpec"]["executors"])
     for name, config in executors.items():
-        (secret,) = config["secretAsEnv"]
-        # inside dsl.If the pipeline input arrives as the condition's input pipelinechannel--<name>
-        source = secret["secretNameParameter"]["componentInputParameter"]
-        assert source.removeprefix("pipelinechannel--") == "oss_secret_name", name
-        env = {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]}
-        assert env["OSS_ACCESS_KEY_ID"] == "OSS_ACCESS_KEY_ID" and env["OSS_ACCESS_KEY_SECRET"] == "OSS_ACCESS_KEY_SECRET"
-        assert secret["optional"] is True
+        required, optional = config["secretAsEnv"]
+        for secret in (required, optional):
+            # inside dsl.If the pipeline input arrives as the condition's input pipelinechannel--<name>
+            source = secret["secretNameParameter"]["componentInputParameter"]
+            assert source.removeprefix("pipelinechannel--") == "oss_secret_name", name
+        # the keys that must be there fail the pod at start when missing (Kubernetes names Secret and key)
+        assert {m["secretKey"]: m["envVar"] for m in required["keyToEnv"]} == {
+            "OSS_ACCESS_KEY_ID": "OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET": "OSS_ACCESS_KEY_SECRET"}
+        assert not required.get("optional", False)
+        assert {m["secretKey"] for m in optional["keyToEnv"]} == {"OSS_ENDPOINT", "OSS_REGION", "OSS_SESSION_TOKEN"}
+        assert optional["optional"] is True
+
+
+def test_the_ui_names_the_secret_keys_the_code_reads() -> None:
+    from imlt.trainer.k8s import OSS_SECRET_KEYS
+
+    for filename in PIPELINES:
+        text = _docs(filename)[0]["root"]["inputDefinitions"]["parameters"]["oss_secret_name"]["description"]
+        assert all(var in text for var, _ in OSS_SECRET_KEYS), text
+        assert "access_key_id" not in text
 
 
 def test_publish_is_gated_on_recall() -> None:
