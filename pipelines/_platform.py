@@ -37,6 +37,27 @@ def use_oss_secret(task: dsl.PipelineTask, secret_name: str | dsl.PipelineChanne
     return task
 
 
+# (cpu request, cpu limit, memory request, memory limit) of the tasks that are not training:
+# reading and validating decode images in threads, evaluation embeds a split on CPU.
+STEP_RESOURCES = {"small": ("1", "2", "2G", "4G"), "evaluate": ("2", "4", "4G", "8G")}
+
+
+def set_step_resources(task: dsl.PipelineTask, size: str = "small") -> dsl.PipelineTask:
+    """Requests and limits for a task that is not training: without them the scheduler packs
+    pods by nothing and a busy node starves (or OOM-kills) them."""
+    cpu_req, cpu_lim, mem_req, mem_lim = STEP_RESOURCES[size]
+    return task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim).set_memory_request(mem_req).set_memory_limit(mem_lim)
+
+
+def retry_when_safe(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Retry a task whose second attempt cannot do harm: its outputs are a function of its
+    inputs (read, validate, evaluate), or it resumes from its checkpoints (train, with a fixed
+    train_output_dir) or re-attaches to its job (train_on_kubernetes: the job name is
+    deterministic). Publish is not retried: a second attempt after a lost response could
+    publish the same model as a new version."""
+    return task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
+
+
 def set_train_resources(task: dsl.PipelineTask, instance_type: str | None) -> dsl.PipelineTask:
     """CPU/memory/GPU of the train task: a modest CPU pod, or one node of an ECS instance type.
 

@@ -10,7 +10,7 @@ from kfp import dsl
 
 from imlt.components.kfp import evaluate, import_model, read_data, validate
 from imlt.components.kfp._factory import kfp_input, with_interface
-from imlt.pipelines._platform import OSS_SECRET_INPUT, use_oss_secret
+from imlt.pipelines._platform import OSS_SECRET_INPUT, retry_when_safe, set_step_resources, use_oss_secret
 from imlt.trainer.step_models import EvaluateInput, ImportModelInput, ReadDataInput, ValidateInput, model_parameters
 
 
@@ -33,7 +33,11 @@ def build_evaluation_pipeline(name: str = "imlt-evaluation") -> dsl.graph_compon
         model.set_caching_options(False)
         scored = evaluate(model=model.outputs["model"], dataset=read.outputs["dataset"], ks=p["ks"],
                           batch_size=p["batch_size"], reader_threads=p["reader_threads"]).after(check).set_display_name("evaluate")
+        set_step_resources(scored, "evaluate")
+        for task in (read, check, model):
+            set_step_resources(task)
         for task in (read, check, model, scored):
+            retry_when_safe(task)  # all four only read their inputs and rewrite their own outputs
             use_oss_secret(task, p["oss_secret_name"])
 
     summary = "Retrieval metrics (Recall@K, MAP@R) of an existing model on an annotated dataset."

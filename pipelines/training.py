@@ -13,7 +13,13 @@ from kfp import dsl
 
 from imlt.components.kfp import evaluate, publish, read_data, train, train_on_kubernetes, validate
 from imlt.components.kfp._factory import Io, kfp_input, with_interface
-from imlt.pipelines._platform import OSS_SECRET_INPUT, set_train_resources, use_oss_secret
+from imlt.pipelines._platform import (
+    OSS_SECRET_INPUT,
+    retry_when_safe,
+    set_step_resources,
+    set_train_resources,
+    use_oss_secret,
+)
 from imlt.trainer.step_models import (
     PublishInput,
     ReadDataInput,
@@ -38,9 +44,11 @@ def _inputs(instance_type: Optional[str], on_kubernetes: bool) -> list[Io]:
         *[kfp_input(p, unset="empty") for p in model_parameters(PublishInput) if p.name in ("destination", "min_recall_at_1")],
         *DATA_INPUTS,
         *[kfp_input(p) for p in model_parameters(ValidateInput) if p.name == "min_images_per_class"],
-        Io("train_output_dir", "str", "Fixed local or oss:// folder for checkpoints, so a retried task resumes; empty: the model artifact. "
-           "Leave it empty in recurring runs, or each would resume the previous one. Training on Kubernetes (the distributed "
-           "pipeline) needs it: an oss:// folder the job's pods write to, a new one per run.", default="''"),
+        Io("train_output_dir", "str", *(
+            ("Required: the oss:// folder the TrainJob's pods write checkpoints and the model to; a new one per run "
+             "(a retried task re-attaches to its job and resumes from here).", None) if on_kubernetes else
+            ("Fixed local or oss:// folder for checkpoints, so a retried task resumes; empty: the model artifact. "
+             "Leave it empty in recurring runs, or each would resume the previous one.", "''"))),
         *[kfp_input(p, unset="empty", default=presets.get(p.name, p.default)) for p in TRAINING_INPUTS],
         OSS_SECRET_INPUT,
     ]
@@ -88,6 +96,11 @@ def build_training_pipeline(
 
         scored = evaluate(model=trained.outputs["model"], dataset=val_read.outputs["dataset"],
                           batch_size=p["batch_size"], reader_threads=p["reader_threads"]).set_display_name("evaluate on val")
+        # the GPU variants evaluate on a node like the training's; the CPU pipeline in a mid-size pod
+        if instance_type is None:
+            set_step_resources(scored, "evaluate")
+        else:
+            set_train_resources(scored, instance_type)
 
         with dsl.If(scored.outputs["Output"] >= p["min_recall_at_1"], name="recall-gate"):
             released = publish(
@@ -95,6 +108,10 @@ def build_training_pipeline(
                 destination=p["destination"], min_recall_at_1=p["min_recall_at_1"],
             ).set_display_name("publish")
 
+        for task in (train_read, val_read, train_check, val_check, released):
+            set_step_resources(task)
+        for task in (train_read, val_read, train_check, val_check, trained, scored):
+            retry_when_safe(task)
         for task in (train_read, val_read, train_check, val_check, trained, scored, released):
             use_oss_secret(task, p["oss_secret_name"])
 

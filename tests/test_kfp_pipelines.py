@@ -207,3 +207,32 @@ def test_one_image_definition_with_an_environment_override(monkeypatch: pytest.M
     assert project_image() == k8s.default_image() == f"ghcr.io/imlt/imlt:{version('imlt')}"
     monkeypatch.setenv("IMLT_IMAGE", "reg.example/imlt:dev")
     assert project_image() == k8s.default_image() == "reg.example/imlt:dev"
+
+
+@pytest.mark.parametrize("filename", sorted(PIPELINES))
+def test_every_task_has_resources_and_retries_only_where_safe(filename: str) -> None:
+    spec = _docs(filename)[0]
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        resources = executor["container"].get("resources", {})
+        assert {"resourceCpuRequest", "resourceMemoryRequest", "resourceCpuLimit", "resourceMemoryLimit"} <= set(resources), name
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    for name, task in tasks.items():
+        if "componentRef" in task and name.startswith("condition"):
+            continue
+        # publish is not retried: an attempt after a lost response could publish the model twice
+        assert ("retryPolicy" in task) == (name != "publish"), name
+    if filename != "evaluation_pipeline.yaml":
+        gpu = filename != "training_pipeline.yaml"
+        assert ("accelerator" in spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]) == gpu
+
+
+def test_required_pipeline_inputs_have_no_empty_defaults() -> None:
+    params = _docs("training_pipeline_distributed.yaml")[0]["root"]["inputDefinitions"]["parameters"]
+    assert "defaultValue" not in params["train_output_dir"] and not params["train_output_dir"].get("isOptional")
+    for filename in PIPELINES:
+        params = _docs(filename)[0]["root"]["inputDefinitions"]["parameters"]
+        for name in ("train_annotations", "val_annotations", "destination", "model_url", "annotations"):
+            if name in params:
+                assert "defaultValue" not in params[name], f"{filename}: {name}"
