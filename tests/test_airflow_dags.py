@@ -93,7 +93,7 @@ def test_dagbag_imports_every_dag_fast_and_without_torch(airflow_env: dict[str, 
 
     retrain = out["dags"]["imlt_retraining"]
     assert retrain["catchup"] is False and retrain["max_active_runs"] == 1
-    assert retrain["schedule"] == "@daily"
+    assert retrain["schedule"] is None  # no data settings in the packaged DAG: triggered by hand
     for p in ("train_annotations", "val_annotations", "output_root", "destination", "backbone", "epochs",
               "image_size", "min_recall_at_1"):
         assert p in retrain["params"]
@@ -101,6 +101,31 @@ def test_dagbag_imports_every_dag_fast_and_without_torch(airflow_env: dict[str, 
     assert down["validate_train"] == ["train"] and down["validate_val"] == ["train"]
     assert "publish" in down["better_than_published"] and down["publish"] == []
     assert out["dags"]["imlt_evaluation"]["schedule"] is None  # triggered by hand
+
+
+FACTORY = """
+import json
+from imlt.components.airflow.dag_factory import retraining_dag
+try:
+    retraining_dag("unset_daily", "@daily")
+except ValueError as e:
+    print("refused:", e)
+dag = retraining_dag("products_daily", "@daily", train_annotations="oss://b/t.txt", val_annotations="oss://b/v.txt",
+                     destination="oss://b/models", output_root="oss://b/runs", epochs=3, backbone="resnet18")
+print(json.dumps({"schedule": dag.schedule if isinstance(dag.schedule, str) else str(dag.timetable.summary),
+                  "defaults": {k: dag.params[k] for k in ("train_annotations", "epochs", "backbone", "lr", "batch_size")}}))
+"""
+
+
+def test_dag_factory_refuses_a_schedule_without_data_settings(airflow_env: dict[str, str]) -> None:
+    """Unpausing never starts a run on placeholder settings: a scheduled DAG must be given the data."""
+    proc = run_python(FACTORY, airflow_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: DAG 'unset_daily': a scheduled DAG needs train_annotations, val_annotations, destination, output_root" \
+        in proc.stdout
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["defaults"] == {"train_annotations": "oss://b/t.txt", "epochs": 3, "backbone": "resnet18", "lr": 0.1,
+                               "batch_size": 32}
 
 
 # --- the OSS connection -------------------------------------------------------------------------

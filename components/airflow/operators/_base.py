@@ -11,7 +11,6 @@ the config (no torch): DAG files that use these operators still parse fast.
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any, ClassVar
 
 from airflow.sdk import BaseOperator, Context
@@ -61,10 +60,6 @@ class ImltStepOperator(BaseOperator):
         for name, default in self.extra_fields.items():
             setattr(self, name, given.get(name, default))
 
-    @cached_property
-    def hook(self) -> ImltOssHook | None:
-        return None if self.oss_conn_id is None else ImltOssHook(oss_conn_id=self.oss_conn_id)
-
     def step_fields(self) -> dict[str, Any]:
         """The step input's fields from the (rendered) arguments.
 
@@ -98,8 +93,11 @@ class ImltStepOperator(BaseOperator):
             raise AirflowFailException(f"{self.task_id}: {e}") from e
 
     def configure_storage(self) -> None:
-        if self.hook is not None:
-            self.hook.configure_storage(required=self.oss_conn_id != ImltOssHook.default_conn_name)
+        """OSS credentials for this task, the one way every imlt task gets them (ImltOssHook.use_connection)."""
+        values = [getattr(self, p.name) for p in self.parameters]
+        if isinstance(getattr(self, "config", None), dict):
+            values.append(self.config.get("output_dir"))
+        ImltOssHook.use_connection(self.oss_conn_id, values)
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Run the step; bad input (see step_input) fails the task without retries."""
