@@ -47,6 +47,16 @@ def _default(path: str, settings: dict[str, Any]) -> Any:
     return settings.pop(name) if name in settings else config_default(path)
 
 
+def _dag(dag_id: str, description: str, schedule: str | None, params: dict[str, Param], oss_conn_id: str | None,
+         default_args: dict[str, Any] | None = None, **kw: Any) -> DAG:
+    """What both DAGs share: native rendering (ints stay ints), the slug filter, no catch-up, and
+    the OSS connection every imlt task uses (a default argument of the operators)."""
+    return DAG(dag_id=dag_id, description=description, schedule=schedule, params=params, catchup=False,
+               start_date=pendulum.datetime(2025, 1, 1, tz="UTC"), render_template_as_native_obj=True,
+               user_defined_filters=template_filters(), default_args={**(default_args or {}), "oss_conn_id": oss_conn_id},
+               **kw)
+
+
 def retraining_dag(dag_id: str = "imlt_retraining", schedule: str | None = None, *,
                    oss_conn_id: str | None = ImltOssHook.default_conn_name, **settings: Any) -> DAG:
     """read -> validate -> train -> evaluate -> publish if Recall@1 beats the floor and the published model.
@@ -87,19 +97,9 @@ def retraining_dag(dag_id: str = "imlt_retraining", schedule: str | None = None,
     }
     if s:
         raise TypeError(f"retraining_dag: unknown settings {sorted(s)}")
-    with DAG(
-        dag_id=dag_id,
-        description="Retrain the image embedding model; publish it only if Recall@1 improves",
-        schedule=schedule,
-        start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
-        catchup=False,
-        max_active_runs=1,
-        render_template_as_native_obj=True,
-        user_defined_filters=template_filters(),
-        default_args={"retries": 1, "retry_delay": pendulum.duration(minutes=5), "oss_conn_id": oss_conn_id},
-        tags=["imlt", "training"],
-        params=params,
-    ) as dag:
+    with _dag(dag_id, "Retrain the image embedding model; publish it only if Recall@1 improves", schedule, params,
+              oss_conn_id, tags=["imlt", "training"], max_active_runs=1,
+              default_args={"retries": 1, "retry_delay": pendulum.duration(minutes=5)}) as dag:
         _retraining_tasks(oss_conn_id)
     return dag
 
@@ -183,18 +183,8 @@ def evaluation_dag(dag_id: str = "imlt_evaluation", *, oss_conn_id: str | None =
     }
     if s:
         raise TypeError(f"evaluation_dag: unknown settings {sorted(s)}")
-    with DAG(
-        dag_id=dag_id,
-        description="Measure Recall@K and MAP@R of a trained or published embedding model",
-        schedule=None,
-        start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
-        catchup=False,
-        render_template_as_native_obj=True,
-        user_defined_filters=template_filters(),
-        default_args={"oss_conn_id": oss_conn_id},
-        tags=["imlt", "evaluation"],
-        params=params,
-    ) as dag:
+    with _dag(dag_id, "Measure Recall@K and MAP@R of a trained or published embedding model", None, params,
+              oss_conn_id, tags=["imlt", "evaluation"]) as dag:
         read = ReadOssDataOperator(
             task_id="read_val", annotations="{{ params.val_annotations }}", output_dir=f"{RUN_DIR}/datasets/val",
             data_format="{{ params.data_format }}", data_root="{{ params.data_root }}", split="val",
