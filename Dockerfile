@@ -1,6 +1,7 @@
 # The one image every KFP component, Kubeflow TrainJob pod and `imlt` CLI run uses.
-# Tag it with the package version; the compiled pipelines name exactly that tag:
-#   docker build -t ghcr.io/imlt/imlt:$(python -c "from importlib.metadata import version; print(version('imlt'))") .
+# Tag it with the package version and compile the pipelines against it (docs/kfp.md):
+#   docker build -t REGISTRY/imlt:VERSION . && docker push REGISTRY/imlt:VERSION
+#   imlt kfp compile OUT_DIR --image REGISTRY/imlt:VERSION
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

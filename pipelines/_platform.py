@@ -8,20 +8,54 @@ from __future__ import annotations
 
 from kfp import dsl, kubernetes
 
+from imlt.components.kfp._factory import Io
 from imlt.trainer.config import INSTANCE_TYPES
 from imlt.trainer.k8s import OSS_SECRET_KEYS as _SECRET_LAYOUT
 
 # The one Secret layout of the project (see trainer.k8s): its keys are the variable names.
-OSS_SECRET_KEYS = {var: var for var, _required in _SECRET_LAYOUT}
+
+# The pipeline input that names the Secret, shared by every pipeline.
+OSS_SECRET_INPUT = Io(
+    "oss_secret_name", "str",
+    "Kubernetes Secret whose keys " + ", ".join(f"{var}{'' if required else ' (optional)'}" for var, required in _SECRET_LAYOUT)
+    + " become every task's environment, for oss:// URLs.",
+    default="'oss-credentials'",
+)
 
 
 def use_oss_secret(task: dsl.PipelineTask, secret_name: str | dsl.PipelineChannel) -> dsl.PipelineTask:
     """Expose the OSS credentials Secret as environment variables of a task.
 
-    Optional, so pipelines on local or MinIO-only data run without creating the Secret; a
-    task that then touches oss:// fails in trainer.storage, naming the missing variable.
+    The Secret's required keys (OSS_ACCESS_KEY_ID, OSS_ACCESS_KEY_SECRET) are required: a task
+    whose Secret is missing, or lacks one of them, does not start, and Kubernetes names the
+    Secret and the key in the pod's status (CreateContainerConfigError), instead of the task
+    starting without credentials and failing at its first oss:// read. The other keys are optional.
     """
-    return kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=OSS_SECRET_KEYS, optional=True)
+    for required in (True, False):
+        keys = {var: var for var, needed in _SECRET_LAYOUT if needed is required}
+        kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=keys, optional=not required)
+    return task
+
+
+# (cpu request, cpu limit, memory request, memory limit) of the tasks that are not training:
+# reading and validating decode images in threads, evaluation embeds a split on CPU.
+STEP_RESOURCES = {"small": ("1", "2", "2G", "4G"), "evaluate": ("2", "4", "4G", "8G")}
+
+
+def set_step_resources(task: dsl.PipelineTask, size: str = "small") -> dsl.PipelineTask:
+    """Requests and limits for a task that is not training: without them the scheduler packs
+    pods by nothing and a busy node starves (or OOM-kills) them."""
+    cpu_req, cpu_lim, mem_req, mem_lim = STEP_RESOURCES[size]
+    return task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim).set_memory_request(mem_req).set_memory_limit(mem_lim)
+
+
+def retry_when_safe(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Retry a task whose second attempt cannot do harm: its outputs are a function of its
+    inputs (read, validate, evaluate), or it resumes from its checkpoints (train, with a fixed
+    train_output_dir) or re-attaches to its job (train_on_kubernetes: the job name is
+    deterministic). Publish is not retried: a second attempt after a lost response could
+    publish the same model as a new version."""
+    return task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
 
 
 def set_train_resources(task: dsl.PipelineTask, instance_type: str | None) -> dsl.PipelineTask:

@@ -1,47 +1,47 @@
-"""Evaluate an existing model (e.g. a published version) on a dataset: read -> validate -> evaluate."""
+"""Evaluate an existing model (e.g. a published version) on a dataset: read -> validate -> evaluate.
 
-from typing import List
+Its inputs are the step models' fields (ImportModelInput, ReadDataInput, ValidateInput,
+EvaluateInput), as the components see them.
+"""
+
+from typing import Any
 
 from kfp import dsl
 
 from imlt.components.kfp import evaluate, import_model, read_data, validate
-from imlt.pipelines._platform import use_oss_secret
+from imlt.components.kfp._factory import kfp_input, with_interface
+from imlt.pipelines._platform import OSS_SECRET_INPUT, retry_when_safe, set_step_resources, use_oss_secret
+from imlt.trainer.step_models import EvaluateInput, ImportModelInput, ReadDataInput, ValidateInput, model_parameters
 
 
-@dsl.pipeline(name="imlt-evaluation")
-def evaluation_pipeline(
-    model_url: str,
-    annotations: str,
-    data_format: str = "ClsSourceImageList",
-    data_root: str = "",
-    delimiter: str = " ",
-    min_images_per_class: int = 2,
-    ks: List[int] = [1, 2, 4, 8],
-    batch_size: int = 64,
-    reader_threads: int = 2,
-    oss_secret_name: str = "oss-credentials",
-) -> None:
-    """Retrieval metrics (Recall@K, MAP@R) of an existing model on an annotated dataset.
+def _inputs() -> list:
+    pick = [(ImportModelInput, ("model_url",)), (ReadDataInput, ("annotations", "data_format", "data_root", "delimiter")),
+            (ValidateInput, ("min_images_per_class",)), (EvaluateInput, ("ks", "batch_size", "reader_threads"))]
+    ios = [kfp_input(p, unset="empty") for model, names in pick for p in model_parameters(model) if p.name in names]
+    # the annotation file is what this pipeline evaluates on: required here, unlike in read_data
+    ios = [io if io.name != "annotations" else type(io)(io.name, "str", io.description) for io in ios]
+    return [*ios, OSS_SECRET_INPUT]
 
-    Args:
-        model_url: Model folder, local or oss://: a published version (DEST/vN) or a train output.
-        annotations: Annotation file of the query/gallery images, local or oss://.
-        data_format: ClsSourceImageList or ClsSourceItag.
-        data_root: Folder that relative image paths are joined to; default is the annotation file's folder.
-        delimiter: Column delimiter of ClsSourceImageList lines.
-        min_images_per_class: Validation fails for a class with fewer images.
-        ks: The K values of Recall@K.
-        batch_size: Images per embedding batch.
-        reader_threads: DataLoader worker processes.
-        oss_secret_name: Kubernetes Secret with access_key_id, access_key_secret, security_token (optional) and endpoint for oss:// URLs.
-    """
-    read = read_data(annotations=annotations, data_format=data_format, data_root=data_root, delimiter=delimiter,
-                     split="eval").set_display_name("read annotations")
-    read.set_caching_options(False)
-    check = validate(dataset=read.outputs["dataset"], min_images_per_class=min_images_per_class).set_display_name("validate")
-    model = import_model(model_url=model_url).set_display_name("import model")
-    model.set_caching_options(False)
-    scored = evaluate(model=model.outputs["model"], dataset=read.outputs["dataset"], ks=ks, batch_size=batch_size,
-                      reader_threads=reader_threads).after(check).set_display_name("evaluate")
-    for task in (read, check, model, scored):
-        use_oss_secret(task, oss_secret_name)
+
+def build_evaluation_pipeline(name: str = "imlt-evaluation") -> dsl.graph_component.GraphComponent:
+    def body(p: dict[str, Any]) -> None:
+        read = read_data(annotations=p["annotations"], data_format=p["data_format"], data_root=p["data_root"],
+                         delimiter=p["delimiter"], split="eval").set_display_name("read annotations")
+        read.set_caching_options(False)
+        check = validate(dataset=read.outputs["dataset"], min_images_per_class=p["min_images_per_class"]).set_display_name("validate")
+        model = import_model(model_url=p["model_url"]).set_display_name("import model")
+        model.set_caching_options(False)
+        scored = evaluate(model=model.outputs["model"], dataset=read.outputs["dataset"], ks=p["ks"],
+                          batch_size=p["batch_size"], reader_threads=p["reader_threads"]).after(check).set_display_name("evaluate")
+        set_step_resources(scored, "evaluate")
+        for task in (read, check, model):
+            set_step_resources(task)
+        for task in (read, check, model, scored):
+            retry_when_safe(task)  # all four only read their inputs and rewrite their own outputs
+            use_oss_secret(task, p["oss_secret_name"])
+
+    summary = "Retrieval metrics (Recall@K, MAP@R) of an existing model on an annotated dataset."
+    return dsl.pipeline(name=name)(with_interface(body, "evaluation_pipeline", _inputs(), summary))
+
+
+evaluation_pipeline = build_evaluation_pipeline()

@@ -93,7 +93,7 @@ def test_dagbag_imports_every_dag_fast_and_without_torch(airflow_env: dict[str, 
 
     retrain = out["dags"]["imlt_retraining"]
     assert retrain["catchup"] is False and retrain["max_active_runs"] == 1
-    assert retrain["schedule"] == "@daily"
+    assert retrain["schedule"] is None  # no data settings in the packaged DAG: triggered by hand
     for p in ("train_annotations", "val_annotations", "output_root", "destination", "backbone", "epochs",
               "image_size", "min_recall_at_1"):
         assert p in retrain["params"]
@@ -101,6 +101,31 @@ def test_dagbag_imports_every_dag_fast_and_without_torch(airflow_env: dict[str, 
     assert down["validate_train"] == ["train"] and down["validate_val"] == ["train"]
     assert "publish" in down["better_than_published"] and down["publish"] == []
     assert out["dags"]["imlt_evaluation"]["schedule"] is None  # triggered by hand
+
+
+FACTORY = """
+import json
+from imlt.components.airflow.dag_factory import retraining_dag
+try:
+    retraining_dag("unset_daily", "@daily")
+except ValueError as e:
+    print("refused:", e)
+dag = retraining_dag("products_daily", "@daily", train_annotations="oss://b/t.txt", val_annotations="oss://b/v.txt",
+                     destination="oss://b/models", output_root="oss://b/runs", epochs=3, backbone="resnet18")
+print(json.dumps({"schedule": dag.schedule if isinstance(dag.schedule, str) else str(dag.timetable.summary),
+                  "defaults": {k: dag.params[k] for k in ("train_annotations", "epochs", "backbone", "lr", "batch_size")}}))
+"""
+
+
+def test_dag_factory_refuses_a_schedule_without_data_settings(airflow_env: dict[str, str]) -> None:
+    """Unpausing never starts a run on placeholder settings: a scheduled DAG must be given the data."""
+    proc = run_python(FACTORY, airflow_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: DAG 'unset_daily': a scheduled DAG needs train_annotations, val_annotations, destination, output_root" \
+        in proc.stdout
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["defaults"] == {"train_annotations": "oss://b/t.txt", "epochs": 3, "backbone": "resnet18", "lr": 0.1,
+                               "batch_size": 32}
 
 
 # --- the OSS connection -------------------------------------------------------------------------
@@ -296,3 +321,30 @@ def test_bad_image_fails_validate_with_file_and_line_and_stops_the_run(airflow_e
     for downstream in ("train", "evaluate", "better_than_published", "publish"):
         assert states[downstream] == "upstream_failed", states
     assert not Path(conf["destination"]).exists()
+
+
+@pytest.mark.slow
+def test_retraining_dag_on_oss_with_credentials_only_in_the_connection(airflow_env: dict[str, str], tmp_path: Path,
+                                                                        oss_server) -> None:
+    """The documented set-up: data, runs and models on OSS, credentials only in `oss_default`.
+    Every storage-touching task, the better_than_published gate included, must reach OSS."""
+    from imlt.trainer import storage
+    from tests.conftest import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
+
+    local = conf_for(tmp_path)
+    for split in ("train", "val"):  # the annotation files and their images, uploaded as they are
+        storage.upload_dir(tmp_path / "data" / split, oss_server.url(f"data/{split}"))
+        storage.write_text(oss_server.url(f"data/{split}.txt"), Path(local[f"{split}_annotations"]).read_text())
+    conf = {**local, "train_annotations": oss_server.url("data/train.txt"), "val_annotations": oss_server.url("data/val.txt"),
+            "output_root": oss_server.url("runs"), "destination": oss_server.url("models")}
+    conn = json.dumps({"conn_type": "oss", "extra": {"auth_type": "AK", "access_key_id": OSS_TEST_ACCESS_KEY_ID,
+                                                     "access_key_secret": OSS_TEST_ACCESS_KEY_SECRET,
+                                                     "region": "cn-hangzhou", "endpoint": oss_server.endpoint}})
+    env = {k: v for k, v in airflow_env.items() if not k.startswith("OSS_")}
+    result, log = run_dag({**env, "AIRFLOW_CONN_OSS_DEFAULT": conn}, "imlt_retraining", conf, tmp_path)
+    assert result["run_state"] == "success" and set(result["states"].values()) == {"success"}, \
+        (result["states"], log[-5000:])
+    assert result["xcoms"]["publish"]["version"] == 1
+    keys = oss_server.keys()
+    assert "models/latest" in keys and "models/v1/model_card.json" in keys, keys
+    assert OSS_TEST_ACCESS_KEY_SECRET not in log

@@ -9,13 +9,12 @@ import pytest
 from kfp import dsl, local
 
 import imlt.components.kfp as kfp_components
-from imlt.components.kfp._training import CONFIG_FIELDS
 from tests.support.images import CLASSES, write_split
-from imlt.trainer.config import RunConfig
+from imlt.trainer.image import project_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")  # kfp.local, custom image
 
-COMPONENTS = [getattr(kfp_components, name) for name in kfp_components.__all__ if name != "IMAGE"]
+COMPONENTS = [getattr(kfp_components, name) for name in kfp_components.__all__]
 
 
 def _spec(component: Any) -> dict[str, Any]:
@@ -28,7 +27,7 @@ def _spec(component: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("component", COMPONENTS, ids=lambda c: c.name)
 def test_component_runs_the_project_image_without_installing_anything(component: Any) -> None:
     container = component.component_spec.implementation.container
-    assert container.image == f"ghcr.io/imlt/imlt:{version('imlt')}"
+    assert container.image == project_image() == f"ghcr.io/imlt/imlt:{version('imlt')}"
     command = " ".join(container.command)
     assert "pip install" not in command  # the image holds kfp, trainer and every dependency
 
@@ -41,28 +40,6 @@ def test_every_input_and_output_is_described(component: Any) -> None:
         for group in ("parameters", "artifacts"):
             for name, item in spec.get(kind, {}).get(group, {}).items():
                 assert item.get("description"), f"{component.name}.{name} has no description"
-
-
-def _config_default(dotted: str) -> Any:
-    """A RunConfig field's default, following the section's default factory."""
-    section, field = dotted.split(".")
-    model = RunConfig.model_fields[section].default_factory
-    value = model.model_fields[field].get_default(call_default_factory=True)
-    return getattr(value, "value", value)  # enums show their spelling in the UI
-
-
-
-
-@pytest.mark.parametrize("component", ["train", "train_on_kubernetes"])
-@pytest.mark.parametrize("name,dotted", sorted(CONFIG_FIELDS.items()))
-def test_train_defaults_are_the_run_config_defaults(component: str, name: str, dotted: str) -> None:
-    """The UI shows the component's defaults; they must be what a config file would get."""
-    inp = getattr(kfp_components, component).component_spec.inputs[name]
-    expected = _config_default(dotted)
-    if expected is None:  # derived at run time: unset is 0 for ints (kfp.local cannot pass None as an int)
-        assert inp.optional and inp.default == (0 if inp.type == "Integer" else None), f"{name}: {inp.default!r}"
-    else:
-        assert inp.default == expected, f"{name}: component default {inp.default!r}, RunConfig {expected!r}"
 
 
 def test_step_inputs_are_all_reachable_from_the_components() -> None:

@@ -15,6 +15,7 @@ from imlt.pipelines.evaluation import evaluation_pipeline
 from imlt.pipelines.training import training_pipeline
 from tests.support.images import write_split
 from imlt.trainer.config import INSTANCE_TYPES
+from imlt.trainer.image import project_image
 
 PIPELINE_DIR = Path(__file__).resolve().parents[1] / "pipelines"
 pytestmark = [
@@ -65,13 +66,26 @@ def test_every_task_gets_the_oss_secret(filename: str) -> None:
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == set(spec["deploymentSpec"]["executors"])
     for name, config in executors.items():
-        (secret,) = config["secretAsEnv"]
-        # inside dsl.If the pipeline input arrives as the condition's input pipelinechannel--<name>
-        source = secret["secretNameParameter"]["componentInputParameter"]
-        assert source.removeprefix("pipelinechannel--") == "oss_secret_name", name
-        env = {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]}
-        assert env["OSS_ACCESS_KEY_ID"] == "OSS_ACCESS_KEY_ID" and env["OSS_ACCESS_KEY_SECRET"] == "OSS_ACCESS_KEY_SECRET"
-        assert secret["optional"] is True
+        required, optional = config["secretAsEnv"]
+        for secret in (required, optional):
+            # inside dsl.If the pipeline input arrives as the condition's input pipelinechannel--<name>
+            source = secret["secretNameParameter"]["componentInputParameter"]
+            assert source.removeprefix("pipelinechannel--") == "oss_secret_name", name
+        # the keys that must be there fail the pod at start when missing (Kubernetes names Secret and key)
+        assert {m["secretKey"]: m["envVar"] for m in required["keyToEnv"]} == {
+            "OSS_ACCESS_KEY_ID": "OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET": "OSS_ACCESS_KEY_SECRET"}
+        assert not required.get("optional", False)
+        assert {m["secretKey"] for m in optional["keyToEnv"]} == {"OSS_ENDPOINT", "OSS_REGION", "OSS_SESSION_TOKEN"}
+        assert optional["optional"] is True
+
+
+def test_the_ui_names_the_secret_keys_the_code_reads() -> None:
+    from imlt.trainer.k8s import OSS_SECRET_KEYS
+
+    for filename in PIPELINES:
+        text = _docs(filename)[0]["root"]["inputDefinitions"]["parameters"]["oss_secret_name"]["description"]
+        assert all(var in text for var, _ in OSS_SECRET_KEYS), text
+        assert "access_key_id" not in text
 
 
 def test_publish_is_gated_on_recall() -> None:
@@ -166,3 +180,59 @@ def test_training_pipeline_end_to_end(tmp_path: Path) -> None:
     evaluation_pipeline(model_url=str(destination / "v1"), annotations=str(val_ann), batch_size=8, reader_threads=0)
     again = _outputs(_run_dir(root, "imlt-evaluation", 0), "evaluate")["metrics"]["metadata"]
     assert again == pytest.approx(logged)
+
+
+def test_compiling_for_another_image_points_every_task_and_job_at_it(tmp_path: Path) -> None:
+    """`imlt kfp compile --image`: every executor runs it, and the TrainJob pods get it too."""
+    image = "registry.cn-hangzhou.aliyuncs.com/team/imlt:7.7.7"
+    compile_all(tmp_path, image=image)
+    for filename in PIPELINES:
+        spec = list(yaml.safe_load_all((tmp_path / filename).read_text()))[0]
+        images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+        assert images == {image}, filename
+    spec = list(yaml.safe_load_all((tmp_path / "training_pipeline_distributed.yaml").read_text()))[0]
+    train = spec["root"]["dag"]["tasks"]["train-on-kubernetes"]["inputs"]["parameters"]["image"]
+    assert train["runtimeValue"]["constant"] == image
+    # the components themselves are left as they were
+    assert {getattr(kfp_components, n).component_spec.implementation.container.image for n in kfp_components.__all__} \
+        == {project_image()}
+
+
+def test_one_image_definition_with_an_environment_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import version
+
+    from imlt.trainer import k8s
+
+    monkeypatch.delenv("IMLT_IMAGE", raising=False)
+    assert project_image() == k8s.default_image() == f"ghcr.io/imlt/imlt:{version('imlt')}"
+    monkeypatch.setenv("IMLT_IMAGE", "reg.example/imlt:dev")
+    assert project_image() == k8s.default_image() == "reg.example/imlt:dev"
+
+
+@pytest.mark.parametrize("filename", sorted(PIPELINES))
+def test_every_task_has_resources_and_retries_only_where_safe(filename: str) -> None:
+    spec = _docs(filename)[0]
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        resources = executor["container"].get("resources", {})
+        assert {"resourceCpuRequest", "resourceMemoryRequest", "resourceCpuLimit", "resourceMemoryLimit"} <= set(resources), name
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    for name, task in tasks.items():
+        if "componentRef" in task and name.startswith("condition"):
+            continue
+        # publish is not retried: an attempt after a lost response could publish the model twice
+        assert ("retryPolicy" in task) == (name != "publish"), name
+    if filename != "evaluation_pipeline.yaml":
+        gpu = filename != "training_pipeline.yaml"
+        assert ("accelerator" in spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]) == gpu
+
+
+def test_required_pipeline_inputs_have_no_empty_defaults() -> None:
+    params = _docs("training_pipeline_distributed.yaml")[0]["root"]["inputDefinitions"]["parameters"]
+    assert "defaultValue" not in params["train_output_dir"] and not params["train_output_dir"].get("isOptional")
+    for filename in PIPELINES:
+        params = _docs(filename)[0]["root"]["inputDefinitions"]["parameters"]
+        for name in ("train_annotations", "val_annotations", "destination", "model_url", "annotations"):
+            if name in params:
+                assert "defaultValue" not in params[name], f"{filename}: {name}"

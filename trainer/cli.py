@@ -7,6 +7,7 @@ traceback.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -14,14 +15,16 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from imlt.trainer import steps
-from imlt.trainer.config import ConfigError, DataFormat, load_config
+from imlt.trainer import steps, storage
+from imlt.trainer.config import ConfigError, load_config
+from imlt.trainer.step_models import Parameter, config_parameters, model_parameters, overrides_from
 
 app = typer.Typer(
     name="imlt",
     help="Image metric-learning trainer: read data, validate, train, evaluate Recall@K, publish.",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    # plain click help: rich's option table truncates long option names (…) at 80 columns
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
@@ -73,133 +76,151 @@ def _emit(model: Any) -> None:
     out.print_json(model.model_dump_json())
 
 
-@app.command("read-data")
-def read_data(
-    output_dir: Annotated[str, typer.Option(help="Folder (local or oss://) for the dataset")],
-    annotations: Annotated[Optional[str], typer.Option(help="Annotation file (local or oss://)")] = None,
-    upstream_annotations: Annotated[Optional[str], typer.Option(help="An upstream step's annotation file; wins over --annotations")] = None,
-    data_format: Annotated[DataFormat, typer.Option(help="Annotation format")] = DataFormat.IMAGE_LIST,
-    data_root: Annotated[Optional[str], typer.Option(help="Root for relative image paths (default: the annotation file's folder)")] = None,
-    delimiter: Annotated[str, typer.Option(help="ImageList column delimiter")] = " ",
-    class_names: Annotated[Optional[str], typer.Option(help="Class names 'a,b,c' or a class-list file")] = None,
-    cache_images: Annotated[bool, typer.Option(help="Copy images into OUTPUT_DIR/images")] = False,
-    multi_label: Annotated[bool, typer.Option(help="Accept iTAG multi-choice answers (several labels per image)")] = False,
-    split: Annotated[str, typer.Option(help="Split name recorded in the summary")] = "train",
-) -> None:
-    """Parse an annotation file (ClsSourceImageList or ClsSourceItag) into a dataset folder."""
-    _emit(_call(steps.read_data, _build(steps.ReadDataInput, locals())))
+# --- the step subcommands: options derived from the step input models ---------------------------
 
 
-@app.command()
-def validate(
-    dataset_dir: Annotated[str, typer.Option(help="A read-data output folder")],
-    output_dir: Annotated[str, typer.Option(help="Folder for validation.json and report.html")],
-    min_images_per_class: Annotated[int, typer.Option(help="Fewer images in a class is fatal")] = 2,
-    imbalance_ratio: Annotated[float, typer.Option(help="Warn when largest/smallest class exceeds this")] = 10.0,
-    workers: Annotated[int, typer.Option(help="Threads decoding images")] = 4,
-) -> None:
-    """Decode every image and check labels; exit 1 naming file:line of the first problems."""
-    _emit(_call(steps.validate, _build(steps.ValidateInput, locals())))
+def _cli_annotation(p: Parameter, optional: bool) -> Any:
+    kind = p.kind if p.kind in (str, int, float, bool) or p.kind == list[int] else str
+    return Optional[kind] if optional else kind
 
 
-@app.command()
-def train(
-    ctx: typer.Context,
-    # a str, not a Path: Path("oss://b/k") collapses to "oss:/b/k"
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML/JSON config, local or oss:// (flags below override it)")] = None,
-    train_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the train split")] = None,
-    val_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the val split")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Model folder (local or oss://): checkpoints, weights, history")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="resnet_50, resnet18, swint_tiny, vit_small, ... or any timm name")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels")] = None,
-    feature_dim: Annotated[Optional[int], typer.Option(help="Embedding width")] = None,
-    backbone_feature_dim: Annotated[Optional[int], typer.Option(help="Must equal the backbone's output width")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Must match the class list")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="Local or oss:// checkpoint")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="AMSoftmax, ArcFace, CosFace, LargeMarginSoftmax, SphereFace, ModelParallelAMSoftmax, ModelParallelSoftmax")] = None,
-    margin: Annotated[Optional[float], typer.Option(help="Loss margin")] = None,
-    scale: Annotated[Optional[float], typer.Option(help="Loss scale")] = None,
-    loss_weight: Annotated[Optional[float], typer.Option(help="Metric-loss weight (the rest goes to softmax CE)")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="SGD or AdamW")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N epochs")] = None,
-    reader_threads: Annotated[Optional[int], typer.Option(help="DataLoader workers")] = None,
-    fp16: Annotated[Optional[bool], typer.Option(help="Mixed precision (CUDA)")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed")] = None,
-    max_hours: Annotated[Optional[float], typer.Option(help="Time limit (<= 24): checkpoint and stop")] = None,
-    model_type: Annotated[Optional[str], typer.Option(help="data-parallel or model-parallel")] = None,
-    resume: Annotated[bool, typer.Option(help="Resume from the last checkpoint in the output dir")] = True,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any field as section.key=value (YAML value)")] = None,
-    nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes (GPUs) on this node; > 1 starts torchrun (compute.nproc_per_node)")] = None,
-    nnodes: Annotated[Optional[int], typer.Option(help="Nodes; > 1 needs compute.mode=distributed and --master-addr (compute.nnodes)")] = None,
-    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank, 0..nnodes-1 (multi-node launch)")] = None,
-    master_addr: Annotated[Optional[str], typer.Option(help="Address of node 0 (multi-node launch)")] = None,
-    master_port: Annotated[Optional[int], typer.Option(help="Rendezvous port on node 0 (multi-node launch; default 29500)")] = None,
-) -> None:
+def _option(p: Parameter, *, unset_default: bool = False, help_suffix: str = "") -> inspect.Parameter:
+    """A typer option for a parameter; `unset_default`: None (the config file's or the model's
+    value applies), with the model's default shown in the help."""
+    show = True
+    if unset_default or p.required:
+        default: Any = inspect.Parameter.empty if p.required and not unset_default else None
+        show = str(p.default) if unset_default and p.default is not None else False
+    else:
+        default = p.default
+    option = typer.Option(help=(p.description + help_suffix).strip(), show_default=show)
+    optional = default is None or p.nullable
+    return inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[_cli_annotation(p, optional), option])
+
+
+def step_command(name: str, step: str, exclude: tuple[str, ...] = (), emit_exclude: frozenset[str] = frozenset(),
+                 fail_unless: str | None = None) -> None:
+    """Register `imlt NAME` for a step: one option per field of its input model."""
+    entry = steps.STEPS[step]
+    params = model_parameters(entry.input_model, exclude)
+
+    def command(**values: Any) -> None:
+        result = _call(entry, _build(entry.input_model, {k: v for k, v in values.items() if v is not None}))
+        out.print_json(result.model_dump_json(exclude=set(emit_exclude)))
+        if fail_unless and not getattr(result, fail_unless):
+            raise typer.Exit(EXIT_FAILED)
+
+    command.__signature__ = inspect.Signature([_option(p) for p in params])  # type: ignore[attr-defined]
+    command.__doc__ = entry.summary
+    command.__name__ = name.replace("-", "_")
+    app.command(name)(command)
+
+
+# the class list can be long: it stays in DATASET/classes.txt
+step_command("read-data", "read_data", emit_exclude=frozenset({"classes"}))
+step_command("validate", "validate")
+step_command("evaluate", "evaluate")
+# a refused publish (below the Recall@1 gate) is a result, printed, and exit code 1
+step_command("publish", "publish", fail_unless="published")
+
+
+def _train_options() -> list[inspect.Parameter]:
+    """`imlt train`'s options: every RunConfig field (by its flat name) plus TrainInput's and the launcher's."""
+    from imlt.trainer.config import RunConfig
+
+    output_dir = model_parameters(RunConfig)[0]
+    config_options = [_option(p, unset_default=True, help_suffix=f" ({p.path})") for p in [output_dir, *config_parameters()]]
+    train_input = [_option(p) for p in model_parameters(steps.TrainInput, ("config",))]
+    opt = inspect.Parameter.KEYWORD_ONLY
+    launcher = [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        # a str, not a Path: Path("oss://b/k") collapses to "oss:/b/k"
+        inspect.Parameter("config", opt, default=None, annotation=Annotated[Optional[str], typer.Option(
+            "--config", "-c", help="YAML/JSON config, local or oss:// (the options below override it)")]),
+        inspect.Parameter("set_", opt, default=None, annotation=Annotated[Optional[list[str]], typer.Option(
+            "--set", help="Any field as section.key=value (YAML value)")]),
+        inspect.Parameter("node_rank", opt, default=None, annotation=Annotated[Optional[int], typer.Option(
+            help="This node's rank, 0..nnodes-1 (multi-node launch)")]),
+        inspect.Parameter("master_addr", opt, default=None, annotation=Annotated[Optional[str], typer.Option(
+            help="Address of node 0 (multi-node launch)")]),
+        inspect.Parameter("master_port", opt, default=None, annotation=Annotated[Optional[int], typer.Option(
+            help="Rendezvous port on node 0 (multi-node launch; default 29500)")]),
+    ]
+    return [*launcher[:2], *train_input, *config_options, *launcher[2:]]
+
+
+def train_config(values: dict[str, Any]) -> Any:
+    """The RunConfig `imlt train` runs: the config file (if any), the options, then --set."""
+    from imlt.trainer.config import RunConfig
+
+    params = [model_parameters(RunConfig)[0], *config_parameters()]
+    overrides = {**overrides_from(params, values), **_parse_sets(values.get("set_") or [])}
+    return _call(load_config, values.get("config") or {}, overrides)
+
+
+def train(ctx: typer.Context, **values: Any) -> None:
     """Train a metric model on a read-data dataset folder; several processes run through torchrun."""
     from imlt.trainer import launch
 
-    overrides = {
-        "output_dir": output_dir, "model.backbone": backbone, "data.image_size": image_size,
-        "model.feature_dim": feature_dim, "model.backbone_feature_dim": backbone_feature_dim,
-        "model.num_classes": num_classes, "model.pretrained": pretrained, "loss.name": loss,
-        "loss.margin": margin, "loss.scale": scale, "loss.weight": loss_weight, "optim.optimizer": optimizer,
-        "optim.lr": lr, "train.batch_size": batch_size, "train.epochs": epochs,
-        "train.checkpoint_every": checkpoint_every, "data.reader_threads": reader_threads, "train.fp16": fp16,
-        "train.device": device, "train.seed": seed, "train.max_hours": max_hours, "compute.model_type": model_type,
-        "compute.nproc_per_node": nproc_per_node, "compute.nnodes": nnodes,
-        **_parse_sets(set_ or []),
-    }
-    cfg = _call(load_config, str(config) if config else {}, overrides)
+    cfg = train_config(values)
     if launch.needs_launch(cfg):  # the same command again, in nnodes x nproc_per_node processes
-        code = _call(lambda: launch.launch_train(cfg, launch.cli_args(ctx), node_rank=node_rank,
-                                                 master_addr=master_addr, master_port=master_port))
+        code = _call(lambda: launch.launch_train(cfg, launch.cli_args(ctx), node_rank=values["node_rank"],
+                                                 master_addr=values["master_addr"], master_port=values["master_port"]))
         raise typer.Exit(code)
-    result = _call(steps.train, steps.TrainInput(config=cfg, train_dataset=train_dataset, val_dataset=val_dataset, resume=resume))
+    result = _call(steps.train, _build(steps.TrainInput, {
+        "config": cfg, **{k: values[k] for k in steps.TrainInput.model_fields if k != "config"}}))
     from imlt.trainer.process_group import DistEnv  # torch-free: rank 0 prints the result
 
     if DistEnv.from_env().is_main:
         _emit(result)
 
 
-@app.command()
-def evaluate(
-    model_dir: Annotated[str, typer.Option(help="A train output folder or a published version")],
-    dataset_dir: Annotated[str, typer.Option(help="read-data output with the query/gallery images")],
-    output_dir: Annotated[str, typer.Option(help="Folder for metrics.json and the Recall@K plot")],
-    batch_size: Annotated[int, typer.Option(help="Embedding batch size")] = 64,
-    reader_threads: Annotated[int, typer.Option(help="DataLoader workers")] = 2,
-) -> None:
-    """Leave-one-out cosine Recall@1/2/4/8 and MAP@R (exact, faiss)."""
-    _emit(_call(steps.evaluate, _build(steps.EvaluateInput, locals())))
+train.__signature__ = inspect.Signature(_train_options())  # type: ignore[attr-defined]
+app.command()(train)
 
 
-@app.command()
-def publish(
-    model_dir: Annotated[str, typer.Option(help="A train output folder")],
-    destination: Annotated[str, typer.Option(help="Folder (local or oss://) holding vN/ and `latest`")],
-    metrics_dir: Annotated[Optional[str], typer.Option(help="An evaluate output folder (for the gate and the model card)")] = None,
-    dataset_dir: Annotated[Optional[str], typer.Option(help="The train dataset (for the model card)")] = None,
-    min_recall_at_1: Annotated[float, typer.Option(help="Refuse to publish below this Recall@1")] = 0.0,
-) -> None:
-    """Export weights, TorchScript and ONNX; publish DEST/vN, then move `latest`."""
-    result = _call(steps.publish, _build(steps.PublishInput, locals()))
-    _emit(result)
-    if not result.published:
-        raise typer.Exit(EXIT_FAILED)
+RUN_HELP = """All five steps from one run file: read, validate, train, evaluate, publish.
+
+\b
+A run file (YAML, local or oss://; examples/run.yaml is a commented one) has:
+  workdir:  folder for the datasets, validation reports and metrics
+  publish:  destination: folder of v1/, v2/, ... and `latest`;
+            min_recall_at_1: publish only at or above this Recall@1 on val
+  data:     train_annotations, val_annotations, data_format, data_root,
+            class_names, val_class_names, image_size, reader_threads, ...
+  model:    backbone, feature_dim, pretrained, ...
+  loss:     name, margin, scale, weight
+  optim:    optimizer, lr, momentum, weight_decay, scheduler, warmup_epochs
+  train:    batch_size, epochs, checkpoint_every, fp16, seed, device, ...
+  compute:  model_type, mode, nnodes, nproc_per_node, instance_type, gpu_type
+  output_dir (optional): the model folder; default WORKDIR/model
+
+\b
+Every field of data ... compute is the same as in `imlt train --config`
+(`imlt train --help` describes each). A problem in the file exits 2 naming
+the field; a failed step exits 1.
+"""
 
 
-@app.command()
-def run(config: Annotated[str, typer.Argument(help="Run file: training config sections + `workdir` + `publish`")]) -> None:
-    """All five steps from one run file."""
+@app.command(help=RUN_HELP)
+def run(config: Annotated[str, typer.Argument(help="Run file (YAML, local or oss://)")]) -> None:
     from imlt.trainer.pipeline import PipelineConfig, run_pipeline
 
     pc = _call(PipelineConfig.from_file, config)
     result = _call(run_pipeline, pc, lambda msg: console.print(f"[bold cyan]{msg}[/]"))
     _emit(result.published)
+    if result.evaluation is not None:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.evaluation.metrics.items() if isinstance(v, float))
+        console.print(f"Metrics on val ({result.evaluation.metrics_dir}): {metrics}", highlight=False)
+    console.print(f"Model folder: {result.trained.model_dir}", highlight=False)
+    pub = result.published
+    if pub.published:
+        console.print(f"Model published: [bold]{pub.version_dir}[/] (version {pub.version}); "
+                      f"`latest` -> {storage.join(pc.publish.destination, 'latest')}", highlight=False)
+    else:
+        console.print(f"Not published: {pub.reason}", highlight=False)
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -208,10 +229,14 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Training epochs")] = 10,
     backbone: Annotated[str, typer.Option(help="Backbone")] = "resnet18",
     seed: Annotated[int, typer.Option(help="Seed for data and training")] = 0,
+    data_only: Annotated[bool, typer.Option(help="Only write the glyph data to OUTPUT/data (what examples/run.yaml reads)")] = False,
 ) -> None:
     """Open-set glyph retrieval end to end: generate data, read, validate, train, evaluate, publish."""
-    from imlt.trainer.demo import run_demo
+    from imlt.trainer.demo import run_demo, write_data
 
+    if data_only:
+        _call(write_data, output, seed, out)
+        return
     _call(run_demo, output, epochs, backbone, seed, out)
 
 
@@ -221,9 +246,9 @@ def k8s_job(
     legacy_pytorchjob: Annotated[bool, typer.Option(help="Render a Training Operator v1 PyTorchJob instead of a Kubeflow Trainer TrainJob")] = False,
     train_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the train split (oss://)")] = None,
     val_dataset: Annotated[Optional[str], typer.Option(help="read-data output for the val split (oss://)")] = None,
-    image: Annotated[Optional[str], typer.Option(help="Trainer image (default: the project image of this version)")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Trainer image (default: IMLT_IMAGE, else the project image of this version)")] = None,
     namespace: Annotated[str, typer.Option(help="Kubernetes namespace")] = "default",
-    oss_secret: Annotated[str, typer.Option(help="Secret holding access_key_id / access_key_secret / endpoint")] = "oss-credentials",
+    oss_secret: Annotated[str, typer.Option(help="Secret whose keys OSS_ACCESS_KEY_ID, OSS_ACCESS_KEY_SECRET (+ OSS_ENDPOINT, OSS_REGION, OSS_SESSION_TOKEN) become the pods' environment")] = "oss-credentials",
 ) -> None:
     """Print the Kubernetes manifest that runs `imlt train` on CONFIG with torchrun on every node."""
     from imlt.trainer.k8s import render_for_cli
@@ -231,6 +256,22 @@ def k8s_job(
     extra = [a for flag, v in (("--train-dataset", train_dataset), ("--val-dataset", val_dataset)) if v for a in (flag, v)]
     out.print(_call(lambda: render_for_cli(config, legacy_pytorchjob, image=image, namespace=namespace,
                                            oss_secret=oss_secret, extra_args=extra)), markup=False, highlight=False)
+
+
+kfp_app = typer.Typer(help="Kubeflow Pipelines: compile the pipelines (needs the kfp extra).", no_args_is_help=True)
+app.add_typer(kfp_app, name="kfp")
+
+
+@kfp_app.command("compile")
+def kfp_compile(
+    out_dir: Annotated[Optional[str], typer.Argument(help="Folder for the YAML files (default: the installed pipelines folder)")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Image every component and job pod runs, e.g. registry.cn-hangzhou.aliyuncs.com/NAMESPACE/imlt:TAG (default: IMLT_IMAGE, else the project image of this version)")] = None,
+) -> None:
+    """Compile every pipeline to YAML, for the Pipelines UI or client.upload_pipeline."""
+    from imlt.pipelines import compile as kfp_compiler  # an adapter: kfp is only needed here
+
+    for path in _call(lambda: kfp_compiler.compile_all(out_dir or kfp_compiler.DEFAULT_OUT, image)):
+        out.print(str(path), highlight=False)
 
 
 def _build(model: type, params: dict[str, Any]) -> Any:

@@ -202,22 +202,22 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    optimizer: OptimizerName = OptimizerName.SGD
+    optimizer: OptimizerName = Field(OptimizerName.SGD, description="SGD or AdamW; the loss's own parameters (class centres) are trained too")
     lr: float = Field(0.1, gt=0, description="Peak learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    scheduler: Scheduler = Scheduler.COSINE
-    warmup_epochs: int = Field(0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (AdamW ignores it)")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (L2 for SGD, decoupled for AdamW)")
+    scheduler: Scheduler = Field(Scheduler.COSINE, description="Learning-rate schedule after warm-up: cosine, step or constant")
+    warmup_epochs: int = Field(0, ge=0, description="Epochs of linear learning-rate warm-up")
 
 
 class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0, description="Global batch size")
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(10, gt=0, description="Number of epochs")
     checkpoint_every: int = Field(1, gt=0, description="Write a checkpoint every N epochs")
     fp16: bool = Field(False, description="Mixed precision with loss scaling (CUDA only)")
-    seed: int = 0
+    seed: int = Field(0, description="Random seed (data order, initialisation)")
     max_hours: float = Field(24.0, gt=0, le=24, description="Time limit; on reaching it: checkpoint, then stop")
-    device: Device = Device.AUTO
+    device: Device = Field(Device.AUTO, description="auto, cpu or cuda")
     m_per_class: int = Field(0, ge=0, description="If > 0, batches hold M images of each sampled class")
 
 

@@ -57,6 +57,12 @@ def baselines(val_dataset_dir: str, cfg_model: object, seed: int) -> dict[str, d
     }
 
 
+def write_data(output: Path, seed: int, console: Console) -> None:
+    """Only the glyph task's files (OUTPUT/data/train.txt, val.txt, *_classes.txt), e.g. for examples/run.yaml."""
+    data = generate_glyphs(output / "data", image_size=IMAGE_SIZE, seed=seed)
+    console.print(f"Wrote {data.num_train} train and {data.num_val} val images with their annotations to {data.root}")
+
+
 def run_demo(output: Path, epochs: int, backbone: str, seed: int, console: Console) -> None:
     output = output.resolve()
     start = time.monotonic()

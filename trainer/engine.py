@@ -67,7 +67,7 @@ from imlt.trainer.losses import LossOutput, build_loss
 from imlt.trainer.model_files import CONFIG, CURVE, USAGE
 from imlt.trainer.optim import build_optimizer, build_scheduler
 from imlt.trainer.process_group import DistEnv, local_device
-from imlt.trainer.steps import TrainInput, TrainOutput
+from imlt.trainer.step_models import TrainInput, TrainOutput
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from imlt.trainer import storage
 from imlt.trainer.data.manifest import ManifestRecord, read_manifest
 from imlt.trainer.device import resolve_device
 from imlt.trainer.retrieval import retrieval_metrics
-from imlt.trainer.steps import EvaluateInput, EvaluateOutput
+from imlt.trainer.step_models import EvaluateInput, EvaluateOutput
 
 if TYPE_CHECKING:
     import torch

@@ -382,19 +382,10 @@ def render_pytorchjob(
 
 
 def default_image() -> str:
-    """The project image, tagged with the package version; IMLT_IMAGE overrides it.
+    """The image job pods run unless told otherwise: trainer.image's one definition."""
+    from imlt.trainer.image import project_image
 
-    Same repository as components/kfp/_image.py (trainer/ cannot import components/).
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    if os.environ.get("IMLT_IMAGE"):
-        return os.environ["IMLT_IMAGE"]
-    try:
-        tag = version("imlt")
-    except PackageNotFoundError:
-        tag = "latest"
-    return f"ghcr.io/imlt/imlt:{tag}"
+    return project_image()
 
 
 def default_command(config_url: str, extra_args: Sequence[str] = ()) -> list[str]:

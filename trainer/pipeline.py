@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imlt.trainer import steps, storage
-from imlt.trainer.config import RunConfig, validate_config
+from imlt.trainer.config import ConfigError, RunConfig, format_validation_error, validate_config
 
 
 class PublishSettings(BaseModel):
+    """The run file's `publish` section."""
+
     model_config = ConfigDict(extra="forbid")
 
     destination: str = Field(..., description="Folder (local or oss://) holding v1/, v2/, ... and `latest`")
@@ -33,12 +35,37 @@ class PipelineConfig(BaseModel):
 
     @classmethod
     def from_file(cls, url: str) -> "PipelineConfig":
-        raw = yaml.safe_load(storage.read_text(url)) or {}
-        if not isinstance(raw, dict) or not {"workdir", "publish"} <= raw.keys():
-            raise ValueError(f"{url}: a run file needs top-level `workdir` and `publish`, plus the training config sections")
+        """Read and check a run file; every problem is a ConfigError naming the file and the field."""
+        try:
+            raw = yaml.safe_load(storage.read_text(url))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{url}{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{url}: a run file is a mapping of sections (workdir, publish, data, model, loss, "
+                              f"optim, train, compute), got {type(raw).__name__}")
+        for key in ("workdir", "publish"):
+            if key not in raw:
+                what = {"workdir": cls.model_fields["workdir"].description,
+                        "publish": "`destination:` (and optionally `min_recall_at_1:`)"}[key]
+                raise ConfigError(f"{url}: `{key}` is missing; add a top-level `{key}:` section: {what}")
         workdir, publish = raw.pop("workdir"), raw.pop("publish")
+        if not isinstance(workdir, str) or not workdir:
+            raise ConfigError(f"{url}: workdir: expected a folder (local path or oss://), got {workdir!r}")
+        if not isinstance(publish, dict):
+            raise ConfigError(f"{url}: publish: expected a section with `destination:` (and optionally "
+                              f"`min_recall_at_1:`), got {publish!r}")
         raw.setdefault("output_dir", storage.join(workdir, "model"))
-        return cls(workdir=workdir, run=validate_config(raw), publish=PublishSettings.model_validate(publish))
+        try:
+            settings = PublishSettings.model_validate(publish)
+        except ValidationError as e:
+            raise ConfigError(f"{url}: " + format_validation_error(e).replace("\n  ", "\n  publish.")) from None
+        try:
+            run = validate_config(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{url}: {e}") from None
+        return cls(workdir=workdir, run=run, publish=settings)
 
 
 class PipelineResult(BaseModel):

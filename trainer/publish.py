@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from imlt.trainer import storage
 from imlt.trainer.model_files import CARD_JSON, CARD_MD, CLASSES, CONFIG, ONNX, TORCHSCRIPT, USAGE, WEIGHTS
-from imlt.trainer.steps import PublishInput, PublishOutput
+from imlt.trainer.step_models import PublishInput, PublishOutput
 
 if TYPE_CHECKING:
     import torch

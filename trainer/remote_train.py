@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from imlt.trainer import k8s, storage
 from imlt.trainer.config import RunConfig
 from imlt.trainer.model_files import CONFIG as CONFIG_FILE, HISTORY as HISTORY_FILE, USAGE as USAGE_FILE, WEIGHTS as WEIGHTS_FILE
-from imlt.trainer.steps import RemoteTrainInput, TrainOutput
+from imlt.trainer.step_models import RemoteTrainInput, TrainOutput
 
 __all__ = [
     "JobRef",

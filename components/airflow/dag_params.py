@@ -1,4 +1,4 @@
-"""Trigger-form parameters and template helpers shared by the DAGs in dags/.
+"""Trigger-form parameters and template helpers shared by the DAG factories (dag_factory.py).
 
 The DAGs render templates as native objects (`render_template_as_native_obj=True`), so an
 integer param reaches the step as an int and an unset optional param as None, not "None".
@@ -22,40 +22,38 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def data_params(example_root: str) -> dict[str, Param]:
-    """Where the annotations are and how to read them."""
+def _path_param(value: str | None, title: str, description: str) -> Param:
+    """A required path: no default unless the deployment gave one (never a placeholder)."""
+    kw: dict[str, Any] = {"type": "string", "minLength": 1, "title": title, "description": description}
+    return Param(value, **kw) if value is not None else Param(**kw)
+
+
+def data_params(val_annotations: str | None, output_root: str | None, settings: dict[str, Any]) -> dict[str, Param]:
+    """Where the annotations are and how to read them; defaults from `settings` (popped) or the models."""
     from imlt.trainer.config import DataFormat
+    from imlt.trainer.step_models import ReadDataInput
 
     return {
-        "val_annotations": Param(
-            f"{example_root}/annotations/val.txt",
-            type="string",
-            minLength=1,
-            title="Validation annotations",
-            description="Annotation file (local path or oss://) of the split that Recall@K is measured on",
-        ),
-        "data_root": Param(
-            None,
-            type=["null", "string"],
-            title="Data root",
-            description="Root that relative image paths are joined to (default: each annotation file's folder)",
-        ),
-        "data_format": Param(
-            DataFormat.IMAGE_LIST.value,
-            type="string",
-            enum=[f.value for f in DataFormat],
-            title="Annotation format",
-        ),
-        "output_root": Param(
-            f"{example_root}/runs",
-            type="string",
-            minLength=1,
-            title="Output root",
-            description="Each run writes its datasets, reports, model and metrics under OUTPUT_ROOT/<run id>",
-        ),
-        "batch_size": Param(32, type="integer", minimum=1, title="Batch size"),
-        "reader_threads": Param(4, type="integer", minimum=0, title="Data reader threads"),
+        "val_annotations": _path_param(val_annotations, "Validation annotations",
+                                       "Annotation file (local path or oss://) of the split that Recall@K is measured on"),
+        "data_root": Param(settings.pop("data_root", None), type=["null", "string"], title="Data root",
+                           description=ReadDataInput.model_fields["data_root"].description),
+        "data_format": Param(settings.pop("data_format", DataFormat.IMAGE_LIST.value), type="string",
+                             enum=[f.value for f in DataFormat], title="Annotation format"),
+        "output_root": _path_param(output_root, "Output root",
+                                   "Each run writes its datasets, reports, model and metrics under OUTPUT_ROOT/<run id>"),
+        "batch_size": Param(settings.pop("batch_size", config_default("train.batch_size")), type="integer", minimum=1,
+                            title="Batch size"),
+        "reader_threads": Param(settings.pop("reader_threads", config_default("data.reader_threads")), type="integer",
+                                minimum=0, title="Data reader threads"),
     }
+
+
+def config_default(path: str) -> Any:
+    """A RunConfig field's default, in the spelling a Param takes (an enum's value)."""
+    from imlt.trainer.step_models import config_parameters
+
+    return next(p.default for p in config_parameters() if p.path == path)
 
 
 def template_filters() -> dict[str, Any]:

@@ -6,12 +6,11 @@ time); see docs/kfp.md.
 
 from kfp import dsl
 
-__all__ = ["IMAGE", "evaluate", "import_model", "publish", "read_data", "train", "train_on_kubernetes", "validate"]
+__all__ = ["evaluate", "import_model", "publish", "read_data", "train", "train_on_kubernetes", "validate"]
 
 # Inside a running component kfp skips its compile-time modules, so dsl.component is missing
-# there; the component bodies import only imlt.components.kfp._artifacts and _training, which need none of this.
+# there; the component bodies import only imlt.components.kfp._run and _artifacts, which need none of this.
 if hasattr(dsl, "component"):
-    from imlt.components.kfp._image import IMAGE
     from imlt.components.kfp.evaluate import evaluate
     from imlt.components.kfp.import_model import import_model
     from imlt.components.kfp.publish import publish

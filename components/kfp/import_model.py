@@ -4,22 +4,12 @@ dsl.importer cannot be used for this: the Pipelines backend reads artifact URIs 
 its own object stores (gs://, s3://, minio://), and published models live on OSS.
 """
 
-from kfp import dsl
+from imlt.components.kfp._factory import Io, step_component
 
-from imlt.components.kfp._image import IMAGE
-
-
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def import_model(model_url: str, model: dsl.Output[dsl.Model]):
-    """Copy a model folder from local or oss:// storage into a Model artifact.
-
-    Args:
-        model_url: A published version folder (DEST/vN) or a train output folder, local or oss://.
-
-    Returns:
-        model: The copied model folder; its metadata records model_url.
-    """
-    from imlt.trainer import storage
-
-    storage.download_dir(model_url, model.path)
-    model.metadata["uri"] = model_url
+import_model = step_component(
+    "import_model",
+    [Io("model", "dsl.Output[dsl.Model]", "The copied model folder; its metadata records model_url.", output=True)],
+    summary="Copy a model folder from local or oss:// storage into a Model artifact.",
+    step="import_model",
+    bound=("output_dir",),
+)

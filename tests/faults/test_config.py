@@ -83,3 +83,26 @@ def test_resume_with_a_changed_config_is_refused_naming_the_fields(dataset: str,
     assert "cannot resume from" in ran.output and "epoch-0001.ckpt" in ran.output
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
     assert checkpoints(out) == ["epoch-0001.ckpt"]
+
+
+# (case, run file text, words of the message): each exits 2 naming the field in plain words
+RUN_FILE_ERRORS = [
+    ("no-publish", "workdir: w\ndata: {train_annotations: t.txt}\n", "`publish` is missing; add a top-level `publish:`"),
+    ("no-workdir", "publish: {destination: p}\n", "`workdir` is missing"),
+    ("publish-is-a-path", "workdir: w\npublish: /models\n", "publish: expected a section with `destination:`"),
+    ("publish-without-destination", "workdir: w\npublish: {min_recall_at_1: 0.5}\n", "publish.destination: Field required"),
+    ("gate-above-one", "workdir: w\npublish: {destination: p, min_recall_at_1: 2}\n", "publish.min_recall_at_1"),
+    ("unknown-section", "workdir: w\npublish: {destination: p}\ntrian: {epochs: 1}\n", "trian: Extra inputs are not permitted"),
+    ("not-yaml", "workdir: w\npublish: {destination: p\n", "not valid YAML"),
+    ("a-list", "- workdir\n", "a run file is a mapping of sections"),
+]
+
+
+@pytest.mark.parametrize("case,text,words", RUN_FILE_ERRORS, ids=[c[0] for c in RUN_FILE_ERRORS])
+def test_run_file_errors_exit_2_naming_the_field(tmp_path: Path, case: str, text: str, words: str) -> None:
+    run_file = write_text(tmp_path / "run.yaml", text)
+    ran = imlt("run", run_file)
+    assert ran.exit_code == 2, ran.output
+    assert ran.exception is None and "Traceback" not in ran.output
+    assert str(run_file) in ran.output and words in ran.output, ran.output
+    assert "pydantic" not in ran.output and "errors.pydantic.dev" not in ran.output

@@ -20,7 +20,7 @@ from imlt.trainer.data.annotations import ParseResult, normalize_root, parse_ann
 from imlt.trainer.data.classes import load_class_names, resolve_labels
 from imlt.trainer.data.manifest import DatasetSummary, ManifestRecord, write_dataset
 from imlt.trainer.errors import DataError, Problem, parse_source
-from imlt.trainer.steps import ReadDataInput, ReadDataOutput
+from imlt.trainer.step_models import ReadDataInput, ReadDataOutput
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from imlt.trainer import storage
 from imlt.trainer.data.annotations import normalize_root
 from imlt.trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes
 from imlt.trainer.errors import DataError, Problem, parse_source
-from imlt.trainer.steps import ValidateInput, ValidateOutput
+from imlt.trainer.step_models import ValidateInput, ValidateOutput
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,13 @@ is never logged (Airflow also masks connection extras whose names contain "secre
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 
 if TYPE_CHECKING:
     from imlt.trainer.storage import OssSettings
@@ -60,6 +62,29 @@ class ImltOssHook(BaseHook):
             )
         except ValueError as e:  # pydantic's message names the field, never the secret's value
             raise AirflowException(f"connection {self.oss_conn_id!r}: {e}") from e
+
+    @classmethod
+    def use_connection(cls, conn_id: str | None, urls: Iterable[Any] = ()) -> None:
+        """Install a task's OSS credentials: the one way every imlt task (operators and the
+        publish gate) gets them.
+
+        conn_id None: the environment's OSS_* variables. A connection other than the default
+        must exist. Without `oss_default`, a task about to touch an oss:// URL with no OSS_*
+        credentials in its environment fails now, naming the connection, instead of failing
+        later on a storage error that does not.
+        """
+        if conn_id is None:
+            return
+        hook = cls(oss_conn_id=conn_id)
+        if hook.configure_storage(required=conn_id != cls.default_conn_name):
+            return
+        remote = [u for u in urls if isinstance(u, str) and u.startswith("oss://")]
+        if remote and not os.environ.get("OSS_ACCESS_KEY_ID"):
+            raise AirflowFailException(
+                f"{remote[0]} needs OSS credentials: Airflow connection {conn_id!r} is not defined (create it: conn "
+                "type oss, extras auth_type AK, access_key_id, access_key_secret, region, endpoint; see docs/airflow.md) "
+                "and no OSS_ACCESS_KEY_ID is set in the environment"
+            )
 
     def configure_storage(self, *, required: bool = False) -> bool:
         """Install the connection's credentials process-wide in trainer.storage.

@@ -8,31 +8,24 @@ same XCom as TrainMetricModelOperator, read from the model folder the job wrote.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException
 
 from imlt.components.airflow.operators.train import TrainMetricModelOperator
 from imlt.components.airflow.triggers.train_job import TrainJobTrigger
+from imlt.trainer.step_models import RemoteTrainInput
 
 
 class KubernetesTrainMetricModelOperator(TrainMetricModelOperator):
     """Train as a Kubernetes job (trainer.remote_train), deferring while it runs.
 
-    Takes TrainMetricModelOperator's arguments (the config's output_dir and the datasets must be
-    URLs the job's pods can read and write: oss:// in practice) plus:
+    Arguments (all templated): RemoteTrainInput's fields (TrainMetricModelOperator's, whose
+    config's output_dir and datasets must be URLs the job's pods can read and write: oss:// in
+    practice, plus the job's: image, namespace, oss_secret, legacy_pytorchjob, runtime,
+    resources, node_selector, poll_seconds, timeout_seconds, config_url, name_prefix), and:
 
-    :param image: image the pods run; empty: the project image of this package version (templated)
-    :param namespace: namespace of the job; empty: the worker's own in a cluster, else "default" (templated)
-    :param oss_secret: Kubernetes Secret with OSS_ACCESS_KEY_ID, OSS_ACCESS_KEY_SECRET (+ OSS_ENDPOINT, ...)
-        that becomes the pods' environment; None for none (templated)
-    :param legacy_pytorchjob: submit a Training Operator v1 PyTorchJob instead of a TrainJob
-    :param resources: per-node resources, e.g. {"cpu": "8", "memory": "60Gi", "nvidia.com/gpu": "1"};
-        default from the config's compute.instance_type (templated)
-    :param node_selector: node labels every pod must match (templated)
-    :param poll_seconds: seconds between status polls in the triggerer
     :param kube_config_file: kubeconfig file (default: the in-cluster service account, else ~/.kube/config)
     :param kube_context: kubeconfig context
 
@@ -40,55 +33,21 @@ class KubernetesTrainMetricModelOperator(TrainMetricModelOperator):
     and delete trainjobs (or pytorchjobs), list pods and read pod logs in the namespace.
     """
 
-    template_fields: Sequence[str] = (
-        *TrainMetricModelOperator.template_fields, "image", "namespace", "oss_secret", "resources", "node_selector",
-    )
+    step = "train_remote"
+    input_model = RemoteTrainInput
+    extra_fields = {"overrides": None}
     ui_color = "#d6ecf3"
 
-    def __init__(
-        self,
-        *,
-        image: str = "",
-        namespace: str = "",
-        oss_secret: str | None = "oss-credentials",
-        legacy_pytorchjob: bool = False,
-        resources: dict[str, str] | None = None,
-        node_selector: dict[str, str] | None = None,
-        poll_seconds: float = 30.0,
-        kube_config_file: str | None = None,
-        kube_context: str | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, kube_config_file: str | None = None, kube_context: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.image = image
-        self.namespace = namespace
-        self.oss_secret = oss_secret
-        self.legacy_pytorchjob = legacy_pytorchjob
-        self.resources = resources
-        self.node_selector = node_selector
-        self.poll_seconds = poll_seconds
         self.kube_config_file = kube_config_file
         self.kube_context = kube_context
         self._job: tuple[str, str] | None = None  # (name, namespace) once submitted, for on_kill
 
     def remote_input(self) -> Any:
         """The RemoteTrainInput of this task; bad input fails the task without retries."""
-        from pydantic import ValidationError
-
-        from imlt.trainer.config import ConfigError
-        from imlt.trainer.steps import RemoteTrainInput
-
-        if self.hook is not None:  # the config is written to (and the model read from) OSS here too
-            self.hook.configure_storage(required=self.oss_conn_id != self.hook.default_conn_name)
-        try:
-            return RemoteTrainInput(
-                **self.step_fields(), image=self.image or "", namespace=self.namespace or "",
-                oss_secret=self.oss_secret or None, legacy_pytorchjob=self.legacy_pytorchjob,
-                resources=self.resources or None, node_selector=self.node_selector or None,
-                poll_seconds=self.poll_seconds,
-            )
-        except (ConfigError, ValidationError) as e:
-            raise AirflowFailException(f"{self.task_id}: {e}") from e
+        self.configure_storage()  # the config is written to (and the model read from) OSS here too
+        return self.step_input()
 
     def kube_clients(self) -> tuple[Any, Any]:
         from imlt.trainer import remote_train
