@@ -7,6 +7,7 @@ The OSS side is tests/support/oss_server.py (the oss2 client is real); faults ar
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -203,3 +204,35 @@ def test_endpoint_dying_mid_read_stops_the_step_with_one_error_naming_it(
     assert len(retries) <= storage.oss.CIRCUIT_FAILURES  # instead of 3 for each of ~35 images
     assert elapsed < 20
     assert not (tmp_path / "val" / "validation.json").exists()
+
+
+def _itag_line(source: str, label: str) -> str:
+    return json.dumps({"data": {"source": source},
+                       "label-1": {"results": [{"questionId": "1", "data": label, "type": "survey/value"}]}})
+
+
+def test_itag_endpoint_style_sources_are_read_as_bucket_and_key(
+    oss_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put_small_set(oss_server)
+    monkeypatch.setenv("OSS_REGION", "cn-test")  # the test server stands for oss-cn-test.aliyuncs.com
+    host = "test-bucket.oss-cn-test.aliyuncs.com"
+    lines = [_itag_line(f"oss://{host}/set/img/{i}.png", "cat" if i % 2 else "dog") for i in range(4)]
+    storage.write_text(oss_server.url("set/m.jsonl"), "\n".join(lines) + "\n")
+    ran = imlt("read-data", "--annotations", oss_server.url("set/m.jsonl"), "--data-format", "ClsSourceItag",
+               "--output-dir", tmp_path / "ds")
+    assert ran.exit_code == 0, ran.output
+    manifest = (tmp_path / "ds" / "manifest.jsonl").read_text()
+    assert oss_server.url("set/img/0.png") in manifest and host not in manifest
+    ran = imlt("validate", "--dataset-dir", tmp_path / "ds", "--output-dir", tmp_path / "val")
+    assert ran.exit_code == 0, ran.output  # the images are really read through the configured endpoint
+
+    lines[2] = _itag_line("oss://test-bucket.oss-cn-beijing.aliyuncs.com/set/img/2.png", "dog")
+    storage.write_text(oss_server.url("set/m.jsonl"), "\n".join(lines) + "\n")
+    ran = imlt("read-data", "--annotations", oss_server.url("set/m.jsonl"), "--data-format", "ClsSourceItag",
+               "--output-dir", tmp_path / "ds2")
+    assert ran.exit_code == 1, ran.output
+    assert (f"{oss_server.url('set/m.jsonl')}:3: 'oss://test-bucket.oss-cn-beijing.aliyuncs.com/set/img/2.png' "
+            f"names OSS endpoint oss-cn-beijing.aliyuncs.com (region cn-beijing) but the configured endpoint is "
+            f"{oss_server.endpoint} (region cn-test)") in ran.output, ran.output
+    assert not (tmp_path / "ds2").exists()
