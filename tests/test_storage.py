@@ -418,3 +418,17 @@ def test_lease_one_holder_renews_expires_and_is_taken_over(backend: str, tmp_pat
     with Lease(folder, ttl=0.6) as third:
         assert third.generation == 2
         assert [u.rsplit("/", 1)[1] for u in storage.list_files(folder)] == ["00000002.json"]
+
+    # a holder killed on this machine: seen dead at once, although its lease was renewed just now
+    from imlt.trainer.storage.lease import process_identity
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)
+    here = process_identity(os.getpid())
+    if here is not None:
+        killed = {**dead, "pid": pid, "renewed_at": time.time(), "ttl": 600,
+                  "process": ":".join(here.split(":")[:2] + [str(pid), "12345"])}
+        storage.write_text(storage.join(folder, ".lease", "00000007.json"), _json.dumps(killed))
+        start = time.monotonic()
+        with Lease(folder) as fourth:
+            assert fourth.generation == 8 and time.monotonic() - start < 5

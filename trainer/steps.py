@@ -97,13 +97,8 @@ class TrainOutput(StepModel):
 
 def train(inp: TrainInput) -> TrainOutput:
     from imlt.trainer.engine import run_training
-    from imlt.trainer.launch import is_main_process
-    from imlt.trainer.storage.lease import Lease
 
-    if not is_main_process():  # rank 0 holds the output folder's lease for the whole job
-        return run_training(inp)
-    with Lease(inp.config.output_dir, purpose="training"):  # a second attempt waits or stops naming the holder
-        return run_training(inp)
+    return run_training(inp)
 
 
 class RemoteTrainInput(StepModel):

@@ -8,7 +8,8 @@ tell whether the holder is alive, and stops naming the holder as soon as the hol
 How: the lease is FOLDER/.lease/<generation>.json, created with `create_exclusive` (O_EXCL
 locally, x-oss-forbid-overwrite on OSS), so of two claimants exactly one gets a generation. The
 holder rewrites its object every `ttl / 3` seconds (a daemon thread); an object not renewed for
-`ttl` seconds is expired, and the next claimant takes the next generation. The highest generation
+`ttl` seconds is expired (at once when its process ran on this machine and is gone), and the next
+claimant takes the next generation. The highest generation
 is the lease; a holder that finds a higher one has lost it (it was presumed dead) and says so.
 Expiry compares the holder's wall clock with the reader's: hosts must agree to well within `ttl`.
 
@@ -27,6 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -54,12 +56,35 @@ class Holder:
         return time.time() - float(self.info.get("renewed_at", 0))
 
     def expired(self) -> bool:
-        return self.age() > float(self.info.get("ttl", LEASE_SECONDS))
+        """Not renewed for its ttl, or its process is gone (known at once when it ran on this machine)."""
+        if self.age() > float(self.info.get("ttl", LEASE_SECONDS)):
+            return True
+        process = self.info.get("process")
+        here = process_identity(os.getpid())
+        if not process or here is None or not isinstance(self.info.get("pid"), int):
+            return False
+        same_namespace = process.split(":")[:2] == here.split(":")[:2]  # same boot, same pid namespace
+        return same_namespace and process_identity(self.info["pid"]) != process
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(self.info.get("acquired_at", 0))))
         return (f"{self.info.get('holder', '?')} ({self.info.get('purpose', 'lease')} since {since}, "
                 f"renewed {self.age():.0f}s ago)")
+
+
+def process_identity(pid: int) -> str | None:
+    """boot id : pid namespace : pid : start time, on Linux; None elsewhere or for no such process.
+
+    Lets a claimant on the same machine see at once that a holder was killed (no waiting for the
+    ttl), without mistaking a reused pid, or a process in another container, for the holder.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{namespace}:{pid}:{started}"
 
 
 class Lease:
@@ -107,7 +132,7 @@ class Lease:
         return json.dumps({
             "holder": f"{socket.gethostname()}:{os.getpid()}", "host": socket.gethostname(), "pid": os.getpid(),
             "token": self._token, "purpose": self.purpose, "acquired_at": self._acquired_at or now,
-            "renewed_at": now, "ttl": self.ttl,
+            "renewed_at": now, "ttl": self.ttl, "process": process_identity(os.getpid()),
         }).encode()
 
     # -- acquire, renew, release ---------------------------------------------------------------------
@@ -186,6 +211,11 @@ class Lease:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+def training_lease(output_dir: str, holder: bool) -> contextlib.AbstractContextManager[Any]:
+    """The output folder's lease for the process that holds it for the job (rank 0); nothing for the others."""
+    return Lease(output_dir, purpose="training") if holder else contextlib.nullcontext()
 
 
 def current_holder(folder: str) -> Holder | None:
