@@ -390,3 +390,45 @@ def test_exclusive_create_recognises_its_own_object_after_a_lost_answer(oss_serv
     assert oss_server.count("PutObject") == 2 and storage.read_bytes(url) == b"mine"
     oss_server.reset_next(1, op="PutObject")
     assert storage.create_exclusive(url, b"someone else's") is False  # taken by another claim
+
+
+@pytest.mark.parametrize("backend", ["local", "oss"])
+def test_lease_one_holder_renews_expires_and_is_taken_over(backend: str, tmp_path: Path, request) -> None:
+    import json as _json
+
+    from imlt.trainer.storage.lease import Lease, LeaseHeldError, current_holder
+
+    folder = request.getfixturevalue("oss_server").url("run") if backend == "oss" else str(tmp_path / "run")
+    first = Lease(folder, purpose="training", ttl=0.6).acquire()
+    holder = current_holder(folder)
+    assert holder is not None and holder.info["purpose"] == "training" and holder.generation == 1
+    start = time.monotonic()
+    with pytest.raises(LeaseHeldError, match=r"in use by .*:\d+ \(training since .*renewed \d+s ago\)"):
+        Lease(folder, ttl=0.6).acquire()  # waits until it sees the holder renew: alive
+    assert time.monotonic() - start < 2
+    first.release()
+    assert current_holder(folder) is None and storage.list_files(folder) == []
+    with Lease(folder, ttl=0.6) as second:  # free again
+        assert second.generation == 1
+
+    # a holder that died without releasing: its lease expires and the next claimant takes generation 2
+    dead = {"holder": "gone:1", "token": "x", "purpose": "training", "acquired_at": time.time() - 10,
+            "renewed_at": time.time() - 10, "ttl": 5}
+    storage.write_text(storage.join(folder, ".lease", "00000001.json"), _json.dumps(dead))
+    with Lease(folder, ttl=0.6) as third:
+        assert third.generation == 2
+        assert [u.rsplit("/", 1)[1] for u in storage.list_files(folder)] == ["00000002.json"]
+
+    # a holder killed on this machine: seen dead at once, although its lease was renewed just now
+    from imlt.trainer.storage.lease import process_identity
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)
+    here = process_identity(os.getpid())
+    if here is not None:
+        killed = {**dead, "pid": pid, "renewed_at": time.time(), "ttl": 600,
+                  "process": ":".join(here.split(":")[:2] + [str(pid), "12345"])}
+        storage.write_text(storage.join(folder, ".lease", "00000007.json"), _json.dumps(killed))
+        start = time.monotonic()
+        with Lease(folder) as fourth:
+            assert fourth.generation == 8 and time.monotonic() - start < 5

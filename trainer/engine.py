@@ -117,8 +117,10 @@ def run_training(
             "no train dataset: TrainInput.train_dataset is empty; run read_data on the train annotations"
             f"{hint} and pass its dataset_dir"
         )
+    from imlt.trainer.storage.lease import training_lease  # a second attempt on this folder waits or stops
+
     cfg = resolve_compute(inp.config)
-    with distributed_session(cfg) as env:
+    with distributed_session(cfg) as env, training_lease(cfg.output_dir, env.is_main):
         trainer = Trainer(cfg, inp.train_dataset, resume=inp.resume, clock=clock, max_seconds=max_seconds, env=env)
         return trainer.fit()
 

@@ -147,6 +147,29 @@ def test_itag_single_choice_the_reference_example() -> None:
     assert [(s.uri, s.labels, s.line) for s in r.samples] == [("oss://bkt/img/a.jpg", ("cat",), 1)]
 
 
+def test_itag_endpoint_style_source_is_bucket_and_key_checked_against_the_configured_region(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from imlt.trainer import storage
+
+    monkeypatch.setenv("OSS_ENDPOINT", "https://oss-cn-hangzhou-internal.aliyuncs.com")
+    monkeypatch.delenv("OSS_REGION", raising=False)
+    storage.configure_oss(None)
+    text = "\n".join([
+        itag("oss://bkt.oss-cn-hangzhou.aliyuncs.com/img/a.jpg", label_1="cat"),  # internal vs public: one region
+        itag("oss://bkt.oss-cn-beijing.aliyuncs.com/img/b.jpg", label_1="dog"),
+        itag("oss://bkt.example.com/img/c.jpg", label_1="dog"),
+        itag("oss://bkt/img/d.jpg", label_1="dog"),
+    ])
+    r = parse_itag(text.encode(), "m.jsonl", OSS_ROOT)
+    assert [(s.uri, s.line) for s in r.samples] == [("oss://bkt/img/a.jpg", 1), ("oss://bkt/img/d.jpg", 4)]
+    problems = lines(r)
+    assert set(problems) == {2, 3}
+    assert "names OSS endpoint oss-cn-beijing.aliyuncs.com (region cn-beijing) but the configured endpoint is " \
+           "https://oss-cn-hangzhou-internal.aliyuncs.com (region cn-hangzhou)" in problems[2]
+    assert "OSS bucket names have no dots" in problems[3]
+
+
 def test_itag_multi_choice_needs_multi_label() -> None:
     text = "\n".join([
         itag("a.jpg", label_1=["cat"]),  # a list with one answer is single-choice

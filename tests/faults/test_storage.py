@@ -7,6 +7,7 @@ The OSS side is tests/support/oss_server.py (the oss2 client is real); faults ar
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
-from tests.support.cli import imlt, imlt_cmd, subprocess_env
+from tests.support.cli import imlt, imlt_cmd, run_imlt, subprocess_env, train_args
 from tests.support.images import png_bytes
 from imlt.trainer import storage
 
@@ -203,3 +204,70 @@ def test_endpoint_dying_mid_read_stops_the_step_with_one_error_naming_it(
     assert len(retries) <= storage.oss.CIRCUIT_FAILURES  # instead of 3 for each of ~35 images
     assert elapsed < 20
     assert not (tmp_path / "val" / "validation.json").exists()
+
+
+def _itag_line(source: str, label: str) -> str:
+    return json.dumps({"data": {"source": source},
+                       "label-1": {"results": [{"questionId": "1", "data": label, "type": "survey/value"}]}})
+
+
+def test_itag_endpoint_style_sources_are_read_as_bucket_and_key(
+    oss_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put_small_set(oss_server)
+    monkeypatch.setenv("OSS_REGION", "cn-test")  # the test server stands for oss-cn-test.aliyuncs.com
+    host = "test-bucket.oss-cn-test.aliyuncs.com"
+    lines = [_itag_line(f"oss://{host}/set/img/{i}.png", "cat" if i % 2 else "dog") for i in range(4)]
+    storage.write_text(oss_server.url("set/m.jsonl"), "\n".join(lines) + "\n")
+    ran = imlt("read-data", "--annotations", oss_server.url("set/m.jsonl"), "--data-format", "ClsSourceItag",
+               "--output-dir", tmp_path / "ds")
+    assert ran.exit_code == 0, ran.output
+    manifest = (tmp_path / "ds" / "manifest.jsonl").read_text()
+    assert oss_server.url("set/img/0.png") in manifest and host not in manifest
+    ran = imlt("validate", "--dataset-dir", tmp_path / "ds", "--output-dir", tmp_path / "val")
+    assert ran.exit_code == 0, ran.output  # the images are really read through the configured endpoint
+
+    lines[2] = _itag_line("oss://test-bucket.oss-cn-beijing.aliyuncs.com/set/img/2.png", "dog")
+    storage.write_text(oss_server.url("set/m.jsonl"), "\n".join(lines) + "\n")
+    ran = imlt("read-data", "--annotations", oss_server.url("set/m.jsonl"), "--data-format", "ClsSourceItag",
+               "--output-dir", tmp_path / "ds2")
+    assert ran.exit_code == 1, ran.output
+    assert (f"{oss_server.url('set/m.jsonl')}:3: 'oss://test-bucket.oss-cn-beijing.aliyuncs.com/set/img/2.png' "
+            f"names OSS endpoint oss-cn-beijing.aliyuncs.com (region cn-beijing) but the configured endpoint is "
+            f"{oss_server.endpoint} (region cn-test)") in ran.output, ran.output
+    assert not (tmp_path / "ds2").exists()
+
+
+_SHORT_LEASE = "from imlt.trainer.storage import lease\nlease.LEASE_SECONDS = 1.5"
+
+
+@pytest.mark.slow
+def test_second_training_attempt_on_one_folder_stops_naming_the_holder_and_a_dead_holder_expires(
+    dataset: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "model"
+    cmd = imlt_cmd(*train_args(dataset, out, 500), prelude=_SHORT_LEASE)
+    first = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".lease" / "00000001.json").exists():
+            assert first.poll() is None, "the first attempt ended before taking the lease"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # a retry while the first attempt still trains: stops at once, naming the holder
+        second = run_imlt(*train_args(dataset, out, 500), prelude=_SHORT_LEASE, timeout=120)
+        assert second.exit_code == 1, second.output
+        assert f"{out}: in use by {socket.gethostname()}:{first.pid} (training since" in second.output, second.output
+        assert "another attempt is still writing this folder" in second.output
+        assert first.poll() is None  # the holder was not disturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (out / ".lease" / "00000001.json").exists()  # a killed holder cannot release ...
+
+    # ... but its lease expires: here at once, as its process is gone from this machine (elsewhere after
+    # the lease's 60 s); the next attempt takes it over (and stops at its time limit)
+    third = run_imlt(*train_args(dataset, out, 500), timeout=300, env=subprocess_env(IMLT_MAX_SECONDS="2"))
+    assert third.exit_code == 0, third.output
+    assert "took over the expired lease" in third.output, third.output
+    assert not (out / ".lease").exists()  # released at the end

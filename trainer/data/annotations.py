@@ -7,6 +7,9 @@ index strings); trainer.data.classes turns them into label ids against the class
 Image paths: a URL with a scheme (oss://bucket/key, s3://...) is kept; a relative path is joined
 to the data root and must not climb out of it with `..`; an absolute local path is kept when the
 data root is local and refused when it is remote (a pod cannot see the annotator's disk).
+iTAG and the OSS console write `oss://bucket.oss-<region>.aliyuncs.com/key`: that is read as
+oss://bucket/key, and its region must be the configured endpoint's (the only settings the parsers
+look at; they do no IO).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from imlt.trainer import storage
 from imlt.trainer.config import DataFormat
 from imlt.trainer.errors import Problem
+from imlt.trainer.storage.urls import oss_bucket_has_dot, parse_endpoint_style
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -77,7 +81,7 @@ def resolve_image_path(path: str, data_root: str) -> str:
     """The absolute image URL for a path as written in an annotation; raises PathError."""
     remote_root = has_scheme(data_root) and not data_root.startswith("file://")
     if has_scheme(path) and not path.startswith("file://"):
-        return path
+        return _oss_object_url(path)
     local_abs = path.startswith("file://") or path.startswith("/")
     if local_abs:
         if remote_root:
@@ -89,6 +93,25 @@ def resolve_image_path(path: str, data_root: str) -> str:
     if rel == ".":
         raise PathError(f"path {path!r} names the data root, not an image")
     return storage.join(data_root, rel)
+
+
+def _oss_object_url(url: str) -> str:
+    """oss://bucket.oss-<region>.aliyuncs.com/key as oss://bucket/key, its region checked; other URLs as given."""
+    styled = parse_endpoint_style(url)
+    if styled is None:
+        if oss_bucket_has_dot(url):
+            raise PathError(f"{url!r}: OSS bucket names have no dots; write oss://bucket/key "
+                            "or oss://bucket.oss-<region>.aliyuncs.com/key")
+        return url
+    settings = storage.current_oss_settings()
+    configured = settings.resolved_endpoint()
+    region = settings.resolved_region()
+    if configured is not None and region != styled.region:
+        where = f"region {region}" if region else "no region: set OSS_REGION if it is one"
+        raise PathError(f"{url!r} names OSS endpoint {styled.host} (region {styled.region}) but the configured "
+                        f"endpoint is {configured} ({where}); point OSS_ENDPOINT/OSS_REGION (or the connection) "
+                        "at the bucket's region, or write the image as oss://bucket/key")
+    return styled.url
 
 
 def iter_lines(data: bytes, result: ParseResult) -> Iterator[tuple[int, str]]:
