@@ -16,11 +16,14 @@ class EvaluateRecallOperator(ImltStepOperator):
     :param model_dir: a train output folder or a published version folder (templated)
     :param dataset_dir: dataset_dir of the split to evaluate on (templated; an XComArg works)
     :param output_dir: folder for metrics.json and the plot (templated)
+    :param eval_mode, exact_max_samples, sample_queries, target_half_width, sample_seed: how to
+        evaluate (EvaluateInput's fields); None keeps the step's default
     """
 
     step = "evaluate"
     input_model = "EvaluateInput"
-    template_fields: Sequence[str] = ("model_dir", "dataset_dir", "output_dir", "ks", "batch_size", "reader_threads")
+    template_fields: Sequence[str] = ("model_dir", "dataset_dir", "output_dir", "ks", "batch_size", "reader_threads", "eval_mode",
+                                      "sample_queries")
 
     def __init__(
         self,
@@ -31,6 +34,11 @@ class EvaluateRecallOperator(ImltStepOperator):
         ks: list[int] | None = None,
         batch_size: int = 64,
         reader_threads: int = 2,
+        eval_mode: str | None = None,
+        exact_max_samples: int | None = None,
+        sample_queries: int | None = None,
+        target_half_width: float | None = None,
+        sample_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -40,6 +48,11 @@ class EvaluateRecallOperator(ImltStepOperator):
         self.ks = ks
         self.batch_size = batch_size
         self.reader_threads = reader_threads
+        self.eval_mode = eval_mode
+        self.exact_max_samples = exact_max_samples
+        self.sample_queries = sample_queries
+        self.target_half_width = target_half_width
+        self.sample_seed = sample_seed
 
     def step_fields(self) -> dict[str, Any]:
         fields = {
@@ -49,6 +62,11 @@ class EvaluateRecallOperator(ImltStepOperator):
             "ks": self.ks,
             "batch_size": self.batch_size,
             "reader_threads": self.reader_threads,
+            "eval_mode": self.eval_mode,
+            "exact_max_samples": self.exact_max_samples,
+            "sample_queries": self.sample_queries,
+            "target_half_width": self.target_half_width,
+            "sample_seed": self.sample_seed,
         }
         # None means the step's default list of K (the model has a default factory, not None)
         return {k: v for k, v in fields.items() if v is not None}
