@@ -139,8 +139,22 @@ def main() -> None:
         "the loaded embeddings as a multiple of their size.\n\n" + C.markdown_table(columns, rows)
     )
     name = "eval_gpu" if args.device == "cuda" else "eval_scale"
+    if args.device == "cuda":
+        worst = _gpu_disagreement(saved.get("runs", {}))
+        headlines.append(f"torch on CUDA vs faiss on the CPU, same queries: largest metric difference {worst:.1e} (must be <= 1e-6).")
     C.report(args, MODULE, name, "Evaluation at scale: exact vs sampled queries" + (" (GPU)" if args.device == "cuda" else ""),
              headlines, body, info=info, started=started)
+    if args.device == "cuda" and _gpu_disagreement(saved.get("runs", {})) > 1e-6:
+        raise SystemExit("GPU and CPU evaluation disagree by more than 1e-6")
+
+
+def _gpu_disagreement(all_runs: dict[str, dict[str, dict[str, Any]]]) -> float:
+    worst = 0.0
+    for runs in all_runs.values():
+        gpu = next(r for k, r in runs.items() if "cuda" in k)
+        cpu = next(r for k, r in runs.items() if "cpu" in k)
+        worst = max(worst, *(abs(gpu["metrics"][m] - cpu["metrics"][m]) for m in METRICS))
+    return worst
 
 
 def _rows_for(n: int, spec: Any, runs: dict[str, dict[str, Any]], rows: list[list[Any]], headlines: list[str]) -> None:
