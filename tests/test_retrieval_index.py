@@ -217,3 +217,19 @@ def test_required_sample_size_follows_the_binomial_formula() -> None:
     n = required_sample_size(pilot, population=10**9, half_width=0.005)
     # 1.96^2 * p(1-p) / 0.005^2 = 28,812 at p = 0.75; the conservative end of the pilot interval is a bit nearer 0.5
     assert 28_812 < n < 33_000
+
+
+def test_benchmark_data_is_seeded_unit_and_zipf_like() -> None:
+    from benchmarks.eval_data import DataSpec, class_sizes, make_realistic
+
+    spec = DataSpec(n=3000, dim=32, seed=4)
+    x, y = make_realistic(spec)
+    x2, y2 = make_realistic(spec)
+    assert (x == x2).all() and (y == y2).all()
+    assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-6)
+    sizes = np.bincount(y)
+    assert len(sizes) == spec.num_classes == 300 and sizes.sum() == 3000
+    assert sizes.min() >= 2 and sizes.max() <= spec.max_size
+    assert np.median(sizes) < sizes.mean()  # a long tail: most classes small, a few large
+    with pytest.raises(ValueError, match="need n >="):
+        class_sizes(10, 6, 100, np.random.default_rng(0))

@@ -170,8 +170,10 @@ def evaluate(
     output_dir: Annotated[str, typer.Option(help="Folder for metrics.json and the Recall@K plot")],
     batch_size: Annotated[int, typer.Option(help="Embedding batch size")] = 64,
     reader_threads: Annotated[int, typer.Option(help="DataLoader workers")] = 2,
+    eval_mode: Annotated[str, typer.Option(help="auto (exact up to 100k images, else sampled queries), exact or sampled")] = "auto",
+    sample_queries: Annotated[Optional[int], typer.Option(help="Fixed number of sampled queries")] = None,
 ) -> None:
-    """Leave-one-out cosine Recall@1/2/4/8 and MAP@R (exact, faiss)."""
+    """Leave-one-out cosine Recall@1/2/4/8 and MAP@R with 95% intervals (exact, or sampled queries above 100k)."""
     _emit(_call(steps.evaluate, _build(steps.EvaluateInput, locals())))
 
 

@@ -18,12 +18,21 @@ Conventions (the same as PML's):
 Ties between equal similarities are broken by the lower sample index, so a result never
 depends on faiss's internal order or on the chunk size.
 
-Scale: exact search costs O(N^2 D); at a million 512-d embeddings that is over an hour on two
-cores. Two ways out, both opt-in: `queries` scores a sample of queries against the full
-gallery (an unbiased estimate of the same numbers), and `index="hnsw"` or `"ivf"` (or an
-`ApproximateIndex`) searches a faiss approximate index instead, whose agreement with exact
-search benchmarks/eval_recall.py reports. Approximate search has no tie rule: results can
-depend on faiss's order there.
+Scale: exact search costs O(N^2 D); at a million 512-d embeddings that is hours on two
+cores. `evaluate_retrieval` (what the evaluate step calls) therefore evaluates every query only
+up to a size threshold; above it, it searches a seeded random sample of queries exactly against
+the full gallery, sized from a pilot so Recall@1's 95% interval is at most 0.005 wide each side,
+and reports every metric with its 95% interval (Wilson for Recall@K, normal for MAP@R,
+finite-population corrected) and what it did. Each sampled query's result is the exact one, so
+the only uncertainty is which queries were drawn, and the interval covers it.
+
+Search back ends (all exact, the same neighbours): faiss brute force without an index (no copy
+of the gallery), faiss GPU where installed, or torch chunked matmul + topk with fp16
+candidates re-ranked in fp32 (the path chosen on a CUDA device; its certificate makes it
+exact, see TorchSearch). `index="hnsw"` or `"ivf"` (or an `ApproximateIndex`) searches a faiss
+approximate index instead, opt-in only: benchmarks/eval_recall.py measured its agreement with
+exact search as poor at scale. Approximate search has no tie rule: results can depend on
+faiss's order there.
 """
 
 from __future__ import annotations
