@@ -15,8 +15,10 @@ Results must agree (max |difference| is reported). Approximate indexes (HNSW, IV
 scored against exact search: their Recall@K and MAP@R, and the share of the exact 8 nearest
 neighbours they return.
 
-Data: class centres drawn from N(0, I) in 512 dims plus N(0, sigma^2 I) noise per sample,
-sigma chosen so that Recall@1 is about 0.7 (neither trivial nor hopeless).
+Data: benchmarks.eval_data (unit embeddings around class centres on the sphere, Zipf-like
+class sizes of mean 10, per-class spread, near-duplicate classes), whose exact Recall@1 lies
+between 0.6 and 0.9 at 10k to 1M. (The earlier isotropic Gaussian data gave 0.09 at 1M.)
+benchmarks.eval_scale measures the sampled evaluation the evaluate step uses above 100k.
 """
 
 from __future__ import annotations
@@ -36,14 +38,10 @@ METRICS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r
 FULL_MATRIX_LIMIT = 20_000  # PML's unbatched CustomKNN holds an N x N float matrix: 1.6 GB at 20k
 
 
-def make_embeddings(n: int, dim: int, classes: int, sigma: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((classes, dim), dtype=np.float32)
-    labels = np.arange(n, dtype=np.int64) % classes
-    rng.shuffle(labels)
-    x = centres[labels]
-    x += sigma * rng.standard_normal((n, dim), dtype=np.float32)
-    return x, labels
+def make_embeddings(n: int, dim: int, classes: int | None, spread: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from benchmarks.eval_data import DataSpec, make_realistic
+
+    return make_realistic(DataSpec(n=n, dim=dim, classes=classes, spread=spread, seed=seed))
 
 
 # --- the measured methods (run inside a child process) ---------------------------------------------
@@ -172,15 +170,15 @@ def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000], help="Numbers of embeddings")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--sigma", type=float, default=3.4, help="Within-class noise (sets the difficulty)")
+    p.add_argument("--classes", type=int, default=None, help="Classes (default N / 10: Zipf-like sizes of mean 10)")
+    p.add_argument("--spread", type=float, default=2.0, help="Median within-class spread (sets the difficulty)")
     p.add_argument("--chunk", type=int, default=2048, help="Queries per chunk (ours, torch, batched PML)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64], help="IVF cells scanned per query")
     p.add_argument("--ef-search", type=int, default=128, help="HNSW search width")
     p.add_argument("--hnsw-max", type=int, default=20_000,
                    help="Largest N given an HNSW index (its build already costs 10x exact search at 10k on 2 cores)")
     p.add_argument("--million", action="store_true", help="Also 1M embeddings: exact on sampled queries vs IVF")
-    p.add_argument("--million-classes", type=int, default=10_000, help="Classes at 1M (100 images each by default)")
+    p.add_argument("--million-classes", type=int, default=100_000, help="Classes at 1M (mean size 10)")
     p.add_argument("--million-queries", type=int, default=1000, help="Sampled queries at 1M")
     args = p.parse_args()
     if C.child_entry(args, child):
@@ -197,7 +195,7 @@ def main() -> None:
     headlines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="imlt-bench-eval-") as tmp:
         for n in args.sizes:
-            x, y = make_embeddings(n, args.dim, args.classes, args.sigma)
+            x, y = make_embeddings(n, args.dim, args.classes, args.spread)
             emb, lab = Path(tmp, f"x{n}.npy"), Path(tmp, f"y{n}.npy")
             np.save(emb, x)
             np.save(lab, y)
@@ -239,7 +237,7 @@ def main() -> None:
     acols = ["N", "index", "seconds", "time vs exact", "peak GiB", "R@1 (exact)", "R@8 (exact)", "MAP@R (exact)", "exact 8-NN found"]
     C.print_table("Approximate indexes vs exact search", acols, approx_rows)
     body = (
-        f"Data: {args.dim}-d Gaussian class centres + noise sigma {args.sigma}, {args.classes} classes "
+        f"Data: benchmarks.eval_data, {args.dim}-d unit rows, spread {args.spread}, {args.classes or 'N/10'} classes "
         f"(1M: {args.million_classes}); every sample queries all others (leave-one-out). Each method runs in a fresh "
         "process; peak = highest resident memory above the loaded embeddings.\n\n"
         + C.markdown_table(columns, rows)
@@ -284,7 +282,7 @@ def _approx_row(n: str, spec: dict[str, Any], r: dict[str, Any], exact: dict[str
 def _million(args: Any, tmp: str, threads: int) -> tuple[list[list[Any]], str]:
     n = 1_000_000
     C.console.print(f"[cyan]generating {n:,} x {args.dim}[/]")
-    x, y = make_embeddings(n, args.dim, args.million_classes, args.sigma)
+    x, y = make_embeddings(n, args.dim, args.million_classes, args.spread)
     emb, lab, qs = Path(tmp, "x1m.npy"), Path(tmp, "y1m.npy"), Path(tmp, "q1m.npy")
     np.save(emb, x)
     np.save(lab, y)

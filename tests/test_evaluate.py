@@ -21,7 +21,8 @@ from imlt.trainer.steps import EvaluateInput
 IMAGE_SIZE = 16
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 210)}
 PER_CLASS = 4
-KEYS = {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "num_queries", "num_classes"}
+METRICS = {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r"}
+KEYS = METRICS | {"num_queries", "num_classes"} | {f"{m}_ci95_half_width" for m in METRICS}
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,11 @@ def test_evaluate_model_writes_metrics_and_plot(model_dir: str, dataset_dir: str
                                        batch_size=5, reader_threads=0))
     assert out.metrics_dir == str(out_dir)
     on_disk = read_metrics(str(out_dir))
+    evaluation = on_disk.pop("evaluation")
     assert set(on_disk) == KEYS
     assert on_disk == pytest.approx(out.metrics)
+    assert evaluation == out.evaluation and evaluation["method"] == "exact" and evaluation["exact"] is True
+    assert all(on_disk[f"{m}_ci95_half_width"] == 0 for m in METRICS)
     assert on_disk["num_queries"] == 3 * PER_CLASS and on_disk["num_classes"] == 3  # the singleton is no query
     assert isinstance(on_disk["num_queries"], int)
     assert all(0.0 <= on_disk[k] <= 1.0 for k in KEYS - {"num_queries", "num_classes"})
@@ -79,7 +83,7 @@ def test_evaluate_model_writes_metrics_and_plot(model_dir: str, dataset_dir: str
     with torch.inference_mode():
         direct = np.concatenate([model(data[i][0][None]).numpy() for i in range(len(data))])
     expected = retrieval_metrics(direct, np.array(data.labels))
-    assert out.metrics == pytest.approx(expected, abs=1e-6)
+    assert {k: out.metrics[k] for k in expected} == pytest.approx(expected, abs=1e-6)
 
 
 def test_embed_is_batch_independent_and_ordered(model_dir: str, dataset_dir: str) -> None:
@@ -117,5 +121,40 @@ def test_metrics_json_is_plain_json(model_dir: str, dataset_dir: str, tmp_path: 
     evaluate_model(EvaluateInput(model_dir=model_dir, dataset_dir=dataset_dir, output_dir=str(tmp_path),
                                  ks=[1, 3], reader_threads=0))
     text = (tmp_path / "metrics.json").read_text()
-    assert set(json.loads(text)) == {"recall_at_1", "recall_at_3", "map_at_r", "num_queries", "num_classes"}
+    assert set(json.loads(text)) == {"recall_at_1", "recall_at_3", "map_at_r", "num_queries", "num_classes", "evaluation",
+                                     "recall_at_1_ci95_half_width", "recall_at_3_ci95_half_width", "map_at_r_ci95_half_width"}
     assert "NaN" not in text
+
+
+def test_sampled_evaluation_says_so_everywhere(model_dir: str, dataset_dir: str, tmp_path: Path) -> None:
+    # forced sampling on the tiny set: an estimate with intervals, never presented as exact
+    out = evaluate_model(EvaluateInput(model_dir=model_dir, dataset_dir=dataset_dir, output_dir=str(tmp_path),
+                                       eval_mode="sampled", sample_queries=6, sample_seed=3, reader_threads=0))
+    ev = json.loads((tmp_path / "metrics.json").read_text())["evaluation"]
+    assert ev["method"] == "sampled" and ev["exact"] is False
+    assert ev["num_queries"] == out.metrics["num_queries"] == 6 and ev["sample_seed"] == 3
+    assert ev["num_eligible_queries"] == 3 * PER_CLASS
+    for m in METRICS:
+        lo, hi = ev["intervals"][m]
+        assert lo <= out.metrics[m] <= hi
+        assert out.metrics[f"{m}_ci95_half_width"] == pytest.approx((hi - lo) / 2)
+    assert out.metrics["recall_at_1_ci95_half_width"] > 0
+
+
+def test_auto_mode_uses_the_threshold(model_dir: str, dataset_dir: str, tmp_path: Path) -> None:
+    out = evaluate_model(EvaluateInput(model_dir=model_dir, dataset_dir=dataset_dir, output_dir=str(tmp_path),
+                                       exact_max_samples=5, sample_queries=4, reader_threads=0))
+    assert out.evaluation["method"] == "sampled" and out.metrics["num_queries"] == 4
+    with pytest.raises(ValueError, match="eval_mode"):
+        EvaluateInput(model_dir=model_dir, dataset_dir=dataset_dir, output_dir=str(tmp_path), eval_mode="quick")
+
+
+def test_model_card_shows_an_estimate_with_its_intervals() -> None:
+    from imlt.trainer.publish import _evaluation_lines
+
+    ev = {"method": "sampled", "exact": False, "num_queries": 30000, "num_eligible_queries": 10**6, "sample_seed": 0,
+          "interval_method": "Wilson", "intervals": {"recall_at_1": [0.745, 0.755]}}
+    text = "\n".join(_evaluation_lines(ev, {"recall_at_1": 0.75}))
+    assert "Estimated from 30000 randomly sampled queries" in text
+    assert "| recall_at_1 | 0.7500 | 0.7450 – 0.7550 | 0.0050 |" in text
+    assert "Exact" in "\n".join(_evaluation_lines({"exact": True, "num_queries": 12}, {}))

@@ -2,6 +2,12 @@
 
 The evaluation set is leave-one-out: every image queries all the others. For open-set
 evaluation, give it a dataset of classes the model never saw in training.
+
+Up to `exact_max_samples` images every query is evaluated exactly; above, a random sample of
+queries is searched exactly against the full gallery (trainer.retrieval.evaluate_retrieval),
+sized so Recall@1's 95% interval is at most `target_half_width` wide each side. metrics.json
+always says which: "evaluation" holds the method, counts, seed and every metric's interval,
+and `<metric>_ci95_half_width` sits beside each metric (0 when exact).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 from imlt.trainer import storage
 from imlt.trainer.data.manifest import ManifestRecord, read_manifest
 from imlt.trainer.device import resolve_device
-from imlt.trainer.retrieval import retrieval_metrics
+from imlt.trainer.retrieval import EvaluationSettings, evaluate_retrieval
 from imlt.trainer.step_models import EvaluateInput, EvaluateOutput
 
 if TYPE_CHECKING:
@@ -39,15 +45,30 @@ def evaluate_model(inp: EvaluateInput) -> EvaluateOutput:
     device = resolve_device()  # this host's own device, whatever the training config asked for
     log.info("embedding %d images from %s on %s", len(records), inp.dataset_dir, device)
     embeddings, labels = embed(model, records, cfg.data.image_size, inp.batch_size, inp.reader_threads, device)
-    metrics = retrieval_metrics(embeddings, labels, ks=tuple(inp.ks))
-    write_metrics(inp.output_dir, metrics, inp.ks, title=f"{cfg.model.backbone} on {len(records)} images")
-    return EvaluateOutput(metrics_dir=inp.output_dir, metrics=metrics)
+    settings = EvaluationSettings(mode=inp.eval_mode, exact_max_samples=inp.exact_max_samples,
+                                  sample_queries=inp.sample_queries, target_half_width=inp.target_half_width,
+                                  seed=inp.sample_seed, device=device.type)
+    # the embeddings are ours: searched in place when already unit length (no 2 GiB copy at 1M x 512)
+    report = evaluate_retrieval(embeddings, labels, ks=tuple(inp.ks), settings=settings, copy=False)
+    log.info("evaluation: %s, %d queries (%s)", report.method, report.details["num_queries"], report.details["backend"])
+    metrics = report.flat()
+    evaluation = report.evaluation()
+    write_metrics(inp.output_dir, metrics, inp.ks, title=f"{cfg.model.backbone} on {len(records)} images",
+                  evaluation=evaluation)
+    return EvaluateOutput(metrics_dir=inp.output_dir, metrics=metrics, evaluation=evaluation)
 
 
-def write_metrics(output_dir: str, metrics: dict[str, float], ks: Sequence[int], title: str = "Retrieval") -> None:
+def write_metrics(output_dir: str, metrics: dict[str, float], ks: Sequence[int], title: str = "Retrieval",
+                  evaluation: dict[str, Any] | None = None) -> None:
+    """metrics.json: the numbers flat (gates read them), the method record under "evaluation"."""
     from imlt.trainer.plots import recall_at_k_png
 
-    storage.write_text(storage.join(output_dir, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
+    doc: dict[str, Any] = dict(metrics)
+    if evaluation is not None:
+        doc["evaluation"] = evaluation
+        if not evaluation.get("exact", True):
+            title += f" (estimate: {evaluation.get('num_queries')} sampled queries, 95% CI)"
+    storage.write_text(storage.join(output_dir, METRICS_FILE), json.dumps(doc, indent=2) + "\n")
     storage.write_bytes(storage.join(output_dir, PLOT_FILE), recall_at_k_png(metrics, ks, title))
 
 

@@ -396,6 +396,20 @@ def _usage(model_dir: str) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else {"value": usage}
 
 
+def _evaluation_lines(ev: Any, metrics: dict[str, Any]) -> list[str]:
+    """How the metrics were measured: an estimate from sampled queries is never shown as exact."""
+    if not isinstance(ev, dict):
+        return []
+    if ev.get("exact"):
+        return [f"Exact: every one of {ev.get('num_queries')} queries evaluated (no sampling error).", ""]
+    ivs = ev.get("intervals") or {}
+    lines = [f"Estimated from {ev.get('num_queries')} randomly sampled queries of {ev.get('num_eligible_queries')} "
+             f"(seed {ev.get('sample_seed')}), each searched exactly; 95% intervals: {ev.get('interval_method')}.", "",
+             "| metric | estimate | 95% interval | half-width |", "|---|---|---|---|"]
+    return lines + [f"| {m} | {float(metrics.get(m, float('nan'))):.4f} | {lo:.4f} – {hi:.4f} | {(hi - lo) / 2:.4f} |"
+                    for m, (lo, hi) in ivs.items()] + [""]
+
+
 def render_card(card: dict[str, Any]) -> str:
     """MODEL_CARD.md: the same facts for people."""
     lines = [f"# {card['backbone']} embedding model, v{card['version']}", "",
@@ -407,8 +421,10 @@ def render_card(card: dict[str, Any]) -> str:
              "## Metrics", ""]
     metrics = card["metrics"]
     if metrics:
+        lines += _evaluation_lines(metrics.get("evaluation"), metrics)
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()
+                  if k != "evaluation" and not k.endswith("_ci95_half_width")]
     else:
         lines.append("Not evaluated.")
     lines += ["", f"Publishing gate: Recall@1 >= {card['gate']['min_recall_at_1']}.", "", "## Training data", ""]

@@ -18,18 +18,28 @@ Conventions (the same as PML's):
 Ties between equal similarities are broken by the lower sample index, so a result never
 depends on faiss's internal order or on the chunk size.
 
-Scale: exact search costs O(N^2 D); at a million 512-d embeddings that is over an hour on two
-cores. Two ways out, both opt-in: `queries` scores a sample of queries against the full
-gallery (an unbiased estimate of the same numbers), and `index="hnsw"` or `"ivf"` (or an
-`ApproximateIndex`) searches a faiss approximate index instead, whose agreement with exact
-search benchmarks/eval_recall.py reports. Approximate search has no tie rule: results can
-depend on faiss's order there.
+Scale: exact search costs O(N^2 D); at a million 512-d embeddings that is hours on two
+cores. `evaluate_retrieval` (what the evaluate step calls) therefore evaluates every query only
+up to a size threshold; above it, it searches a seeded random sample of queries exactly against
+the full gallery, sized from a pilot so Recall@1's 95% interval is at most 0.005 wide each side,
+and reports every metric with its 95% interval (Wilson for Recall@K, normal for MAP@R,
+finite-population corrected) and what it did. Each sampled query's result is the exact one, so
+the only uncertainty is which queries were drawn, and the interval covers it.
+
+Search back ends (all exact, the same neighbours): faiss brute force without an index (no copy
+of the gallery), faiss GPU where installed, or torch chunked matmul + topk with fp16
+candidates re-ranked in fp32 (the path chosen on a CUDA device; its certificate makes it
+exact, see TorchSearch). `index="hnsw"` or `"ivf"` (or an `ApproximateIndex`) searches a faiss
+approximate index instead, opt-in only: benchmarks/eval_recall.py measured its agreement with
+exact search as poor at scale. Approximate search has no tie rule: results can depend on
+faiss's order there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,12 +70,25 @@ class ApproximateIndex:
             raise RetrievalError(f"unknown index kind {self.kind!r}; use 'exact', 'hnsw' or 'ivf'")
 
 
-def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
-    """Unit rows as a new float32 array; all-zero rows stay zero instead of becoming NaN."""
+def l2_normalize(embeddings: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Unit rows as float32; all-zero rows stay zero instead of becoming NaN.
+
+    copy=False returns float32 C-contiguous input whose rows already have unit length
+    (within 1e-6) as it is: a model's normalised 1M x 512 output is not duplicated (2 GiB).
+    """
+    if not copy and _is_unit(embeddings):
+        return embeddings
     x = np.array(embeddings, dtype=np.float32, copy=True, order="C")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     np.divide(x, norms, out=x, where=norms > 0)
     return x
+
+
+def _is_unit(x: np.ndarray, block: int = 65536) -> bool:
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous):
+        return False
+    return all(bool(np.all(np.abs(np.einsum("ij,ij->i", x[b : b + block], x[b : b + block]) - 1) < 2e-6))
+               for b in range(0, len(x), block))
 
 
 def retrieval_metrics(
@@ -76,6 +99,7 @@ def retrieval_metrics(
     *,
     index: str | ApproximateIndex = "exact",
     queries: Sequence[int] | np.ndarray | None = None,
+    backend: str = "faiss",
 ) -> dict[str, float]:
     """Recall@K for each K, MAP@R, and the counts they are averaged over.
 
@@ -85,10 +109,49 @@ def retrieval_metrics(
     index: "exact" (default), or "hnsw"/"ivf"/an ApproximateIndex for large sets.
     queries: indices of the samples to use as queries (default: all); every sample stays in
     the gallery. Samples without a same-class partner are left out as usual.
+    backend: exact search by "faiss" (CPU, or faiss GPU where installed), "torch" (chunked
+    matmul + topk in reduced precision with exact fp32 re-ranking; the GPU path) or "auto".
     """
-    import faiss  # imported here: the metric module is also loaded by light-weight callers
+    per = per_query_metrics(embeddings, labels, ks, chunk_size, index=index, queries=queries, backend=backend, device="cpu" if backend == "faiss" else "auto")
+    return per.summary()
 
-    x, y = _check_inputs(embeddings, labels, ks, chunk_size)
+
+@dataclass(frozen=True)
+class PerQuery:
+    """Each query's outcome: the metrics are means of these, and their intervals come from them."""
+
+    ks: tuple[int, ...]
+    queries: np.ndarray  # sample indices
+    hits: np.ndarray  # (num_queries, len(ks)) bool: a same-class sample among the first K
+    ap: np.ndarray  # (num_queries,) AP@R
+    num_classes: int
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {f"recall_at_{k}": int(self.hits[:, i].sum()) / len(self.queries) for i, k in enumerate(self.ks)}
+        out["map_at_r"] = float(self.ap.mean())
+        out["num_queries"] = int(len(self.queries))
+        out["num_classes"] = self.num_classes
+        return out
+
+
+def per_query_metrics(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    chunk_size: int = 2048,
+    *,
+    index: str | ApproximateIndex = "exact",
+    queries: Sequence[int] | np.ndarray | None = None,
+    backend: str = "faiss",
+    device: str = "auto",
+    copy: bool = True,
+) -> PerQuery:
+    """retrieval_metrics, keeping every query's hit flags and AP@R (for confidence intervals).
+
+    copy=False: unit-length float32 rows are searched in place rather than normalised into a copy.
+    """
+    x, y = _check_inputs(embeddings, labels, ks, chunk_size, copy=copy)
+    ks = tuple(int(k) for k in ks)
     n = len(x)
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     others = counts[inverse] - 1  # R of every sample
@@ -108,15 +171,14 @@ def retrieval_metrics(
             "retrieval needs at least one pair of the same class"
         )
     # the window must hold every same-class neighbour (MAP@R) and the largest K; +1 for self
-    k = min(n - 1, max(max(ks), int(others.max())))
+    k = min(n - 1, max(max(ks), int(others[queries].max())))
 
     if approx is None:
-        search = faiss.IndexFlatIP(x.shape[1])
-        search.add(x)
+        search = exact_searcher(x, backend, device)
     else:
         search = build_approximate_index(x, approx, k)
 
-    hits_at = {kk: 0 for kk in ks}
+    hits = np.empty((len(queries), len(ks)), dtype=bool)
     ap = np.empty(len(queries), dtype=np.float64)  # kept per query: sums then match across chunk sizes
     for start in range(0, len(queries), chunk_size):
         q = queries[start : start + chunk_size]
@@ -126,15 +188,154 @@ def retrieval_metrics(
         else:
             neighbours = _approximate_neighbours(search, x, q, k)
             relevant = (neighbours >= 0) & (y[neighbours] == y[q][:, None])  # -1: fewer than k found
-        for kk in ks:
-            hits_at[kk] += int(relevant[:, :kk].any(axis=1).sum())
+        for i, kk in enumerate(ks):
+            hits[start : start + len(q), i] = relevant[:, :kk].any(axis=1)
         ap[start : start + len(q)] = _average_precision_at_r(relevant, others[q])
+    return PerQuery(ks=ks, queries=queries, hits=hits, ap=ap, num_classes=int((counts > 1).sum()))
 
-    out: dict[str, float] = {f"recall_at_{kk}": hits_at[kk] / len(queries) for kk in ks}
-    out["map_at_r"] = float(ap.mean())
-    out["num_queries"] = int(len(queries))
-    out["num_classes"] = int((counts > 1).sum())
-    return out
+
+# --- exact search back ends -------------------------------------------------------------------------
+
+
+def exact_searcher(x: np.ndarray, backend: str = "auto", device: str = "auto") -> "FlatSearch | TorchSearch":
+    """An exact inner-product searcher over the rows of x (not copied), chosen by what is available.
+
+    auto: torch on a CUDA device when torch sees one (faiss GPU instead when faiss has GPUs),
+    else faiss on the CPU. Every back end returns the same neighbours (tests check the torch
+    one against faiss within 1e-6); only speed differs.
+    """
+    if backend not in ("auto", "faiss", "torch"):
+        raise RetrievalError(f"unknown search backend {backend!r}; use 'auto', 'faiss' or 'torch'")
+    if backend == "auto" or device == "auto":
+        cuda = _cuda_available()
+        if backend == "auto":
+            backend = "faiss" if not cuda or _faiss_gpus() > 0 else "torch"
+        if device == "auto":
+            device = "cuda" if cuda else "cpu"
+    if backend == "faiss":
+        return FlatSearch(x, gpu=device.startswith("cuda") and _faiss_gpus() > 0)
+    return TorchSearch(x, device=device)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _faiss_gpus() -> int:
+    import faiss
+
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+class FlatSearch:
+    """faiss brute force over x without building an index: an IndexFlatIP would copy x (2 GiB at 1M x 512)."""
+
+    def __init__(self, x: np.ndarray, gpu: bool = False) -> None:
+        self.x = x
+        self.gpu = gpu
+        self.name = "faiss-gpu" if gpu else "faiss"
+        self._res = None
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        if self.gpu:  # pragma: no cover - needs a GPU build of faiss
+            if self._res is None:
+                self._res = faiss.StandardGpuResources()
+            return faiss.knn_gpu(self._res, xq, self.x, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return faiss.knn(xq, self.x, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+class TorchSearch:
+    """Chunked matmul + topk: candidates in reduced precision, then exact fp32 re-ranking.
+
+    Why hand-written: faiss has no CPU-free GPU build on pip, and a GPU evaluates a chunk of
+    queries against the whole gallery with one fp16 matmul and one topk. fp16 scores of unit
+    vectors are within `slack` of the fp32 ones (input rounding 2 x 2^-11, output rounding
+    2^-11, fp32 accumulation), so after re-ranking the `k + margin` fp16 candidates in fp32,
+    a row whose k-th exact score beats the last candidate's fp16 score by more than `slack` is
+    provably the exact top k. Other rows are searched again in fp32. The result equals exact
+    fp32 search; the CPU runs the same code (tests compare it with faiss), only slower.
+    """
+
+    def __init__(self, x: np.ndarray, device: str = "cpu", low: str = "float16", gallery_block: int = 1 << 16,
+                 slack: float = 4e-3) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.name = f"torch-{self.device.type}-{low}"
+        self.x = torch.from_numpy(x)  # shares memory
+        self.low = getattr(torch, low)
+        self.gallery = self.x.to(self.device, self.low)  # the only copy: half the size of x in fp16
+        self.full = self.x.to(self.device) if self.device.type != "cpu" else self.x
+        self.block = gallery_block
+        self.slack = slack
+        self.fallback_rows = 0  # rows the certificate sent back to fp32 search (reported by benchmarks)
+
+    def search(self, xq: np.ndarray, k: int, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        parts = [self._search(xq[b : b + rows], k) for b in range(0, len(xq), rows)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        n = self.gallery.shape[0]
+        k = min(k, n)
+        width = min(n, k + max(16, k // 2))  # candidates kept before re-ranking
+        q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(self.device)
+        with _fp32_reductions():
+            cand_s, cand_i = self._topk(q.to(self.low), width, low=True)
+        exact = torch.einsum("qd,qcd->qc", q, self.full[cand_i])  # fp32 re-ranking of the candidates
+        top_s, order = exact.topk(k, dim=1)
+        top_i = torch.gather(cand_i, 1, order)
+        if width < n:
+            bad = top_s[:, -1] <= cand_s[:, -1].float() + self.slack
+            if bool(bad.any()):
+                rows = torch.nonzero(bad).squeeze(1)
+                self.fallback_rows += len(rows)
+                s2, i2 = self._topk(q[rows], k, low=False)
+                top_s[rows], top_i[rows] = s2, i2
+        return top_s.cpu().numpy(), top_i.cpu().numpy()
+
+    def _topk(self, q: "torch.Tensor", k: int, low: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Top k over the gallery, in gallery blocks so the score matrix stays chunk x block."""
+        import torch
+
+        g = self.gallery if low else self.full
+        best_s = best_i = None
+        for b in range(0, g.shape[0], self.block):
+            s = q @ g[b : b + self.block].T
+            kk = min(k, s.shape[1])
+            s, i = s.topk(kk, dim=1)
+            i += b
+            if best_s is None:
+                best_s, best_i = s, i
+            else:
+                s = torch.cat([best_s, s], dim=1)
+                i = torch.cat([best_i, i], dim=1)
+                best_s, pos = s.topk(min(k, s.shape[1]), dim=1)
+                best_i = torch.gather(i, 1, pos)
+        return best_s, best_i
+
+
+class _fp32_reductions:
+    """Keep cuBLAS from summing fp16 products in fp16 (the slack above assumes fp32 sums)."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.saved = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = self.saved
 
 
 def _approximate(index: str | ApproximateIndex) -> ApproximateIndex | None:
@@ -186,7 +387,7 @@ def _approximate_neighbours(index: object, x: np.ndarray, q: np.ndarray, k: int)
 
 
 def _check_inputs(
-    embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int], chunk_size: int
+    embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int], chunk_size: int, copy: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     emb = np.asarray(embeddings)
     y = np.asarray(labels)
@@ -194,14 +395,15 @@ def _check_inputs(
         raise RetrievalError(f"embeddings must be a non-empty (N, D) array, got shape {emb.shape}")
     if y.ndim != 1 or len(y) != len(emb):
         raise RetrievalError(f"labels must be a 1-D array of {len(emb)} labels, got shape {y.shape}")
-    if not np.isfinite(emb).all():
-        bad = int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
-        raise RetrievalError(f"embedding {bad} holds NaN or inf")
+    for b in range(0, len(emb), 65536):  # in blocks: one bool per element of a 1M x 512 set is 512 MB
+        finite = np.isfinite(emb[b : b + 65536]).all(axis=1)
+        if not finite.all():
+            raise RetrievalError(f"embedding {b + int(np.flatnonzero(~finite)[0])} holds NaN or inf")
     if not ks or any(int(k) < 1 for k in ks):
         raise RetrievalError(f"ks must be positive integers, got {list(ks)}")
     if chunk_size < 1:
         raise RetrievalError(f"chunk_size must be positive, got {chunk_size}")
-    return l2_normalize(emb), y
+    return l2_normalize(emb, copy=copy), y
 
 
 def _neighbours(index: object, x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -252,3 +454,198 @@ def _average_precision_at_r(relevant: np.ndarray, r: np.ndarray) -> np.ndarray:
     hit = relevant & (ranks[None, :] <= r[:, None])
     precision = np.cumsum(hit, axis=1) / ranks[None, :]
     return (precision * hit).sum(axis=1) / r
+
+
+# --- evaluation by size: exact, or exact search for a random sample of queries ------------------------
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+INTERVALS = ("Recall@K: Wilson score interval; MAP@R: normal (CLT) interval on the mean AP@R; "
+             "both with the finite-population correction for sampling queries without replacement")
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How to evaluate a set of embeddings (mirrors trainer.steps.EvaluateInput's fields).
+
+    mode: "auto" (exact up to exact_max_samples samples, sampled above), "exact" or "sampled".
+    sample_queries: fixed number of sampled queries; None sizes the sample from a pilot of
+    pilot_queries so Recall@1's 95% interval half-width is at most target_half_width.
+    """
+
+    mode: str = "auto"
+    exact_max_samples: int = 100_000
+    sample_queries: int | None = None
+    target_half_width: float = 0.005
+    pilot_queries: int = 2000
+    seed: int = 0
+    backend: str = "auto"
+    device: str = "auto"
+    chunk_size: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "exact", "sampled"):
+            raise RetrievalError(f"unknown evaluation mode {self.mode!r}; use 'auto', 'exact' or 'sampled'")
+        if self.sample_queries is not None and self.sample_queries < 1:
+            raise RetrievalError(f"sample_queries must be positive, got {self.sample_queries}")
+        if not 0 < self.target_half_width < 0.5:
+            raise RetrievalError(f"target_half_width must be in (0, 0.5), got {self.target_half_width}")
+
+
+@dataclass(frozen=True)
+class RetrievalReport:
+    """Metrics, their 95% intervals, and what was done to get them."""
+
+    metrics: dict[str, float]  # point estimates and counts, as retrieval_metrics returns them
+    intervals: dict[str, tuple[float, float]]  # 95% interval per metric; (v, v) when exact over every query
+    method: str  # "exact" or "sampled"
+    details: dict[str, Any]
+
+    @property
+    def exact(self) -> bool:
+        return self.method == "exact"
+
+    def half_widths(self) -> dict[str, float]:
+        return {m: float(hi - lo) / 2 for m, (lo, hi) in self.intervals.items()}
+
+    def flat(self) -> dict[str, float]:
+        """The numbers for metrics.json / KFP: metrics plus <metric>_ci95_half_width."""
+        return {**self.metrics, **{f"{m}_ci95_half_width": h for m, h in self.half_widths().items()}}
+
+    def evaluation(self) -> dict[str, Any]:
+        """The record of the method for metrics.json and the model card."""
+        return {
+            "method": self.method,
+            "exact": self.exact,
+            "confidence": 0.95,
+            "intervals": {m: [lo, hi] for m, (lo, hi) in self.intervals.items()},
+            **self.details,
+        }
+
+
+def evaluate_retrieval(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    settings: EvaluationSettings | None = None,
+    *,
+    copy: bool = True,
+) -> RetrievalReport:
+    """Recall@K and MAP@R with 95% intervals, exact or on a random sample of queries by size.
+
+    Sampled: each sampled query is searched exactly against the full gallery, so its hit flags
+    and AP@R are the exact ones and their sample means are unbiased estimates of the full
+    leave-one-out metrics; the interval is the sampling uncertainty only. The pilot queries are
+    the first of the same random permutation, so none is wasted. A sample as large as the set
+    of queries falls back to exact evaluation (and says so in details["note"]).
+    """
+    import time
+
+    st = settings or EvaluationSettings()
+    y = np.asarray(labels)
+    if y.ndim == 1 and len(y) and len(np.unique(y)) == 1:
+        raise RetrievalError(
+            f"all {len(y)} samples have one label: every neighbour is relevant, so Recall@K and MAP@R "
+            "would be 1 by construction; evaluate on a set with two or more classes")
+    n = len(y)
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True) if y.ndim == 1 else (None, None, None)
+    eligible = np.flatnonzero(counts[inverse] > 1) if counts is not None else np.arange(0)
+    searcher_backend = st.backend
+    details: dict[str, Any] = {"num_samples": int(n), "num_eligible_queries": int(len(eligible)),
+                               "backend": None, "search": "exact inner product on unit rows (fp32 scores)"}
+    started = time.perf_counter()
+
+    def run(queries: np.ndarray | None) -> PerQuery:
+        per = per_query_metrics(embeddings, labels, ks, st.chunk_size, queries=queries,
+                                backend=searcher_backend, device=st.device, copy=copy)
+        return per
+
+    sampled = st.mode == "sampled" or (st.mode == "auto" and n > st.exact_max_samples)
+    if not sampled or len(eligible) == 0:
+        per = run(None)  # raises the clear errors on bad input
+        return _report(per, None, details, started, st)
+    perm = np.random.default_rng(st.seed).permutation(eligible)
+    details.update({"sample_seed": st.seed, "sampling": "uniform without replacement over the samples that have a same-class partner"})
+    if st.sample_queries is not None:
+        size = st.sample_queries
+        details["sample_size"] = f"fixed at {size}"
+    else:
+        pilot = run(np.sort(perm[: st.pilot_queries]))
+        size = required_sample_size(pilot, len(eligible), st.target_half_width)
+        details["sample_size"] = (f"sized from a pilot of {len(pilot.queries)} queries for a Recall@1 95% half-width "
+                                  f"<= {st.target_half_width}")
+        details["target_half_width"] = st.target_half_width
+        if size <= len(pilot.queries):
+            return _report(pilot, len(eligible), details, started, st)
+    if size >= len(eligible):
+        details["note"] = (f"a sample of {size} queries would cover all {len(eligible)} queries: "
+                           "evaluated every query exactly instead")
+        return _report(run(None), None, details, started, st)
+    return _report(run(np.sort(perm[:size])), len(eligible), details, started, st)
+
+
+def required_sample_size(pilot: PerQuery, population: int, half_width: float) -> int:
+    """Queries needed for Recall@1's 95% half-width, from a pilot (conservative end of its interval)."""
+    i = pilot.ks.index(1) if 1 in pilot.ks else 0
+    lo, hi = wilson_interval(int(pilot.hits[:, i].sum()), len(pilot.queries), population)
+    p = min(max(0.5, lo), hi) if lo <= 0.5 <= hi else (hi if hi < 0.5 else lo)  # the end nearest 0.5
+    n0 = Z95**2 * p * (1 - p) / half_width**2
+    n = n0 / (1 + (n0 - 1) / population)  # finite population
+    return int(np.ceil(n * 1.02))  # 2% over: Wilson is a little wider than the normal formula
+
+
+def wilson_interval(hits: int, n: int, population: int | None = None) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion; population: finite-population correction."""
+    if n == 0:
+        return 0.0, 1.0
+    if population is not None and n >= population:
+        p = hits / n
+        return p, p
+    n_eff = n if population is None else n * (population - 1) / (population - n)
+    p = hits / n
+    z2 = Z95**2
+    centre = (p + z2 / (2 * n_eff)) / (1 + z2 / n_eff)
+    half = Z95 / (1 + z2 / n_eff) * np.sqrt(p * (1 - p) / n_eff + z2 / (4 * n_eff**2))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def mean_interval(values: np.ndarray, population: int | None = None) -> tuple[float, float]:
+    """95% normal (CLT) interval of a mean of values in [0, 1]; population: finite-population correction."""
+    n = len(values)
+    m = float(values.mean())
+    if n < 2 or (population is not None and n >= population):
+        return (m, m) if population is not None and n >= population else (0.0, 1.0)
+    se = float(values.std(ddof=1)) / np.sqrt(n)
+    if population is not None:
+        se *= np.sqrt((population - n) / (population - 1))
+    return float(max(0.0, m - Z95 * se)), float(min(1.0, m + Z95 * se))
+
+
+def _report(per: PerQuery, population: int | None, details: dict[str, Any], started: float,
+            st: EvaluationSettings) -> RetrievalReport:
+    import time
+
+    metrics = per.summary()
+    if population is None:  # every query: the metrics are exact, nothing to estimate
+        intervals = {m: (metrics[m], metrics[m]) for m in [f"recall_at_{k}" for k in per.ks] + ["map_at_r"]}
+        method = "exact"
+        details["interval_method"] = "none needed: every query was evaluated (half-width 0)"
+    else:
+        intervals = {f"recall_at_{k}": wilson_interval(int(per.hits[:, i].sum()), len(per.queries), population)
+                     for i, k in enumerate(per.ks)}
+        intervals["map_at_r"] = mean_interval(per.ap, population)
+        method = "sampled"
+        details["interval_method"] = INTERVALS
+    details["num_queries"] = int(len(per.queries))
+    details["backend"] = _backend_name(st)
+    details["seconds"] = round(time.perf_counter() - started, 3)
+    return RetrievalReport(metrics=metrics, intervals=intervals, method=method, details=details)
+
+
+def _backend_name(st: EvaluationSettings) -> str:
+    backend, device = st.backend, st.device
+    cuda = _cuda_available() if "auto" in (backend, device) else device.startswith("cuda")
+    if backend == "auto":
+        backend = "faiss" if not cuda or _faiss_gpus() > 0 else "torch"
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    return f"{backend} on {device}" + (" (fp16 candidates, exact fp32 re-ranking)" if backend == "torch" else "")

@@ -125,11 +125,19 @@ class EvaluateInput(StepModel):
     ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], description="The K values of Recall@K")
     batch_size: int = Field(64, gt=0, description="Images per embedding batch")
     reader_threads: int = Field(2, ge=0, description="DataLoader worker processes")
+    # how to evaluate (trainer.retrieval.EvaluationSettings): exact up to a size, sampled queries above
+    eval_mode: str = Field("auto", pattern="^(auto|exact|sampled)$",
+                           description="auto: exact up to exact_max_samples images, else sampled queries; or force exact/sampled")
+    exact_max_samples: int = Field(100_000, ge=1, description="Largest set evaluated exactly in auto mode")
+    sample_queries: int | None = Field(None, ge=1, description="Fixed number of sampled queries (default: sized for target_half_width)")
+    target_half_width: float = Field(0.005, gt=0, lt=0.5, description="Recall@1 95% interval half-width the sample is sized for")
+    sample_seed: int = Field(0, description="Seed of the query sample")
 
 
 class EvaluateOutput(StepModel):
     metrics_dir: str
     metrics: dict[str, float]
+    evaluation: dict[str, Any] = Field(default_factory=dict, description="Method, query counts, seed, 95% intervals")
 
 
 # --- 5. publish ------------------------------------------------------------------------------------

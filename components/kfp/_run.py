@@ -52,6 +52,7 @@ def evaluate(model: Any, dataset: Any, metrics: Any, recall_plot: Any, **values:
                                     output_dir=metrics.path))
     for name, value in out.metrics.items():
         metrics.log_metric(name, value)
+    metrics.metadata["evaluation_method"] = out.evaluation.get("method", "exact")
     _artifacts.write_text(recall_plot.path, _artifacts.html_page(
         "Retrieval on " + dataset.metadata.get("split", "the dataset"), _artifacts.png_urls(out.metrics_dir), [out.metrics]))
     return out.metrics["recall_at_1"]

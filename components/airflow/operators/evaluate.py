@@ -10,7 +10,8 @@ class EvaluateRecallOperator(ImltStepOperator):
     """Embed a dataset and measure Recall@K and MAP@R (the evaluate step).
 
     Arguments (all templated): EvaluateInput's fields: model_dir, dataset_dir, output_dir, ks,
-    batch_size, reader_threads. XCom: {"metrics_dir", "metrics": {...}}, as in metrics.json.
+    batch_size, reader_threads, eval_mode, exact_max_samples, sample_queries, target_half_width,
+    sample_seed. XCom: {"metrics_dir", "metrics": {...}}, as in metrics.json.
     """
 
     step = "evaluate"
