@@ -115,7 +115,7 @@ def train(
     feature_dim: Annotated[Optional[int], typer.Option(help="Embedding width")] = None,
     backbone_feature_dim: Annotated[Optional[int], typer.Option(help="Must equal the backbone's output width")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Must match the class list")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="Local or oss:// checkpoint")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="default, a timm tag (resnet50.a1_in1k), hf-hub:org/repo, or a local/oss:// file")] = None,
     loss: Annotated[Optional[str], typer.Option(help="AMSoftmax, ArcFace, CosFace, LargeMarginSoftmax, SphereFace, ModelParallelAMSoftmax, ModelParallelSoftmax")] = None,
     margin: Annotated[Optional[float], typer.Option(help="Loss margin")] = None,
     scale: Annotated[Optional[float], typer.Option(help="Loss scale")] = None,
@@ -229,6 +229,16 @@ def k8s_job(
     extra = [a for flag, v in (("--train-dataset", train_dataset), ("--val-dataset", val_dataset)) if v for a in (flag, v)]
     out.print(_call(lambda: render_for_cli(config, legacy_pytorchjob, image=image, namespace=namespace,
                                            oss_secret=oss_secret, extra_args=extra)), markup=False, highlight=False)
+
+
+@app.command("import-weights")
+def import_weights(
+    name: Annotated[str, typer.Argument(help="timm tag (resnet50.a1_in1k), backbone name for its default tag (resnet_50), or hf-hub:org/repo")],
+    to: Annotated[str, typer.Option("--to", help="Folder (local or oss://) for model.safetensors + weights.json; then train with pretrained: FOLDER")],
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone the weights must fit (default: from NAME)")] = None,
+) -> None:
+    """Fetch pretrained weights once (Hugging Face cache, HF_ENDPOINT mirror) into a model store, for clusters without internet."""
+    _emit(_call(steps.import_weights, _build(steps.ImportWeightsInput, {"name": name, "destination": to, "backbone": backbone})))
 
 
 def _build(model: type, params: dict[str, Any]) -> Any:

@@ -34,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     import torch
 
+    from imlt.trainer.steps import ImportWeightsInput, ImportWeightsOutput
+
 log = logging.getLogger(__name__)
 
 DEFAULT = "default"
@@ -77,6 +79,7 @@ class WeightsSource(BaseModel):
 class ResolvedWeights:
     state_dict: dict[str, torch.Tensor]
     source: WeightsSource
+    data: bytes = b""  # the file as read, for import_weights to store verbatim
 
     @property
     def ours(self) -> bool:
@@ -167,7 +170,9 @@ def resolve(spec: str, backbone: str, *, local_files_only: bool = False) -> Reso
     """
     kind = spec_kind(spec)
     if kind == "file":
-        return _resolve_file(spec)
+        weights = _resolve_file(spec)
+        _check_architecture(spec, weights.source.architecture, backbone)
+        return weights
     if kind == "hf-hub":
         return _resolve_hf_repo(spec, backbone, local_files_only)
     try:
@@ -220,8 +225,6 @@ def resolve_once_per_node(spec: str, backbone: str) -> ResolvedWeights:
 def _resolve_hf_repo(spec: str, backbone: str, local_files_only: bool) -> ResolvedWeights:
     from huggingface_hub.errors import EntryNotFoundError
 
-    from imlt.trainer.config import timm_name
-
     repo, _, revision = spec[len(HF_PREFIX):].partition("@")
     arch = None
     try:  # timm's hub repos describe their architecture in config.json; a repo may lack it
@@ -229,19 +232,27 @@ def _resolve_hf_repo(spec: str, backbone: str, local_files_only: bool) -> Resolv
         arch = json.loads(Path(cfg_path).read_text()).get("architecture")
     except (EntryNotFoundError, WeightsUnavailableError, json.JSONDecodeError, OSError):
         pass  # unknown: the strict load below still refuses weights that do not fit
-    if arch:
-        import timm
-
-        want = timm.models.split_model_name_tag(timm_name(backbone))[0]
-        have = timm.models.split_model_name_tag(arch)[0]
-        if have != want:
-            raise PretrainedError(
-                f"model.pretrained={spec!r}: the repo holds weights for {have}, not for model.backbone={backbone!r} ({want}); "
-                f"use a repo of {want} or set model.backbone={have}"
-            )
+    _check_architecture(spec, arch, backbone)
     path, filename = _hub_download(spec, spec, repo, revision or None, HUB_FILES, local_files_only)
     source = WeightsSource(spec=spec, kind="hf-hub", architecture=arch, repo=repo, filename=filename)
     return _read_hub_file(path, source)
+
+
+def _check_architecture(spec: str, arch: str | None, backbone: str) -> None:
+    """Weights that say which architecture they were made for must be for this backbone."""
+    if not arch or not backbone:
+        return
+    import timm
+
+    from imlt.trainer.config import timm_name
+
+    want = timm.models.split_model_name_tag(timm_name(backbone))[0]
+    have = timm.models.split_model_name_tag(arch)[0]
+    if have != want:
+        raise PretrainedError(
+            f"model.pretrained={spec!r}: holds weights for {have}, not for model.backbone={backbone!r} ({want}); "
+            f"use weights of {want} or set model.backbone={have}"
+        )
 
 
 def _hub_download(spec: str, name: str, repo: str, revision: str | None, files: tuple[str, ...],
@@ -290,7 +301,7 @@ def _read_hub_file(path: Path, source: WeightsSource) -> ResolvedWeights:
     # The cache path holds the commit: .../snapshots/<revision>/<filename>
     revision = path.parent.name if path.parent.parent.name == "snapshots" else None
     source = source.model_copy(update={"sha256": hashlib.sha256(data).hexdigest(), "revision": revision})
-    return ResolvedWeights(unwrap(parse_state_dict(data, str(path)), source.spec), source)
+    return ResolvedWeights(unwrap(parse_state_dict(data, str(path)), source.spec), source, data)
 
 
 def _resolve_file(url: str) -> ResolvedWeights:
@@ -306,7 +317,7 @@ def _resolve_file(url: str) -> ResolvedWeights:
     note = _read_note(storage.join(folder, IMPORT_NOTE), sha)
     source = WeightsSource(spec=url, kind="file", url=url, sha256=sha, imported_from=note,
                            architecture=note.architecture if note else None)
-    return ResolvedWeights(unwrap(parse_state_dict(data, url), url), source)
+    return ResolvedWeights(unwrap(parse_state_dict(data, url), url), source, data)
 
 
 def _read_note(url: str, sha: str) -> WeightsSource | None:
@@ -323,6 +334,70 @@ def _read_note(url: str, sha: str) -> WeightsSource | None:
         log.warning("%s: describes other bytes (sha256 %s, the file has %s), ignored", url, note.sha256, sha)
         return None
     return note
+
+
+# --- import into the model store -----------------------------------------------------------------
+
+
+def import_weights(inp: ImportWeightsInput) -> ImportWeightsOutput:
+    """Fetch weights once (Hugging Face cache / HF_ENDPOINT mirror) and store them as safetensors + a note.
+
+    The folder then serves as `model.pretrained` on clusters without internet. Idempotent: a
+    destination already holding the same bytes is reused; one holding other weights is refused
+    before anything is written. The weights file is written first and the note last, so a folder
+    with a note is complete.
+    """
+    from safetensors.torch import save
+
+    from imlt.trainer import storage
+    from imlt.trainer.config import BACKBONES, ConfigError
+    from imlt.trainer.steps import ImportWeightsOutput
+
+    name = inp.name.strip()
+    if spec_kind(name) == "file":
+        raise ConfigError(f"import-weights {name!r}: give a timm tag, a backbone name or hf-hub:org/repo, not a file")
+    if spec_kind(name) == "hf-hub":
+        spec, backbone = name, inp.backbone or ""
+    elif name in BACKBONES or name == DEFAULT:
+        if name == DEFAULT and not inp.backbone:
+            raise ConfigError("import-weights default: also give the backbone (--backbone resnet_50)")
+        spec, backbone = DEFAULT, inp.backbone or name
+    else:
+        import timm
+
+        spec, backbone = name, inp.backbone or timm.models.split_model_name_tag(name)[0]
+    if spec_kind(spec) != "hf-hub":
+        try:
+            timm_tag(spec, backbone)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("model.pretrained=", "import-weights ")) from None
+    weights = resolve(spec, backbone)
+    data = weights.data
+    if not _is_safetensors(data):  # a pytorch_model.bin: store the tensors, not the pickle
+        data = save({k: v.contiguous() for k, v in weights.state_dict.items()})
+    sha = hashlib.sha256(data).hexdigest()
+    note = weights.source.model_copy(update={"sha256": sha, "spec": name})
+    dest = inp.destination.rstrip("/")
+    weights_url, note_url = storage.join(dest, WEIGHTS_FILE), storage.join(dest, IMPORT_NOTE)
+    reused = False
+    if storage.exists(note_url):
+        try:
+            old = WeightsSource.model_validate_json(storage.read_text(note_url))
+        except ValueError:
+            old = None
+        if old is None or old.sha256 != sha:
+            what = f"{old.tag or old.repo} (sha256 {old.sha256})" if old else "an unreadable note"
+            raise PretrainedError(f"{note_url}: the folder already holds {what}, not {note.tag or note.repo} "
+                                  f"(sha256 {sha}); import into another folder or delete it")
+        reused = storage.exists(weights_url)
+    if not reused:
+        storage.write_bytes(weights_url, data)
+        storage.write_text(note_url, note.model_dump_json(indent=2, exclude_none=True) + "\n")
+    log.info("%s %s (%s, %d tensors, sha256 %s) at %s", "kept" if reused else "imported",
+             note.tag or note.repo, note.revision or "?", len(weights.state_dict), sha[:12], dest)
+    return ImportWeightsOutput(pretrained=dest, weights_url=weights_url, note_url=note_url, tag=note.tag,
+                               repo=note.repo, revision=note.revision, sha256=sha,
+                               num_tensors=len(weights.state_dict), reused=reused)
 
 
 # --- reading state dicts --------------------------------------------------------------------------
