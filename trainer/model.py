@@ -166,7 +166,7 @@ def _pretrained_backbone(name: str, kwargs: dict[str, Any], weights: ResolvedWei
     num_classes=0 like the model, so timm loads strictly: every backbone tensor comes from the file
     or the load fails naming the keys.
     """
-    label = weights.source.spec
+    label = weights.source.tag or weights.source.spec
     state = dict(weights.state_dict)
     cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
     classifiers = getattr(cfg, "classifier", None)
