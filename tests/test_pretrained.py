@@ -235,6 +235,13 @@ def test_import_weights_to_oss_then_train_one_epoch_from_it(
     assert record["load"] == {"matched": len(_build(None).backbone.state_dict()), "backbone_missing": [], "unexpected": [],
                               "ignored_classifier": ["backbone.fc.weight", "backbone.fc.bias"], "random_init": ["neck"]}
 
+    from imlt.trainer.steps import PublishInput, publish
+
+    published = publish(PublishInput(model_dir=str(tmp_path / "run"), destination=str(tmp_path / "pub"),
+                                     export_onnx=False, export_torchscript=False))
+    card = json.loads((Path(published.version_dir) / "model_card.json").read_text())
+    assert card["pretrained"]["source"]["imported_from"]["tag"] == TAG  # the model card says where it started
+
 
 def test_import_refuses_a_folder_holding_other_weights(cached: bytes, hub: HubCache, seeded: dict[str, torch.Tensor], tmp_path: Path) -> None:
     other = {k: v + 1 if v.is_floating_point() else v for k, v in seeded.items()}
@@ -246,6 +253,7 @@ def test_import_refuses_a_folder_holding_other_weights(cached: bytes, hub: HubCa
     assert (tmp_path / "store" / "model.safetensors").read_bytes() == cached  # nothing overwritten
 
 
+@pytest.mark.slow  # three fresh processes importing torch
 def test_import_weights_cli_reads_the_environment(hub: HubCache, cached: bytes, tmp_path: Path) -> None:
     """HF_HOME and HF_HUB_OFFLINE as a user sets them, in a fresh process: no constants patched."""
     env = {**os.environ, **hub.env(), "COLUMNS": "1000"}  # one line per message in rich's output
@@ -276,3 +284,51 @@ def test_resolve_reads_only_the_cache_when_asked(cached: bytes, hub: HubCache) -
     # what ranks other than a node's first do after the barrier
     weights = resolve("default", ARCH, local_files_only=True)
     assert weights.source.sha256 == hashlib.sha256(cached).hexdigest()
+
+
+WORKER = r"""
+import json, sys, time
+import huggingface_hub.constants as hf
+from imlt.trainer import distributed as D, weights
+
+calls = []
+real = weights.resolve
+def recorded(spec, backbone, *, local_files_only=False):
+    start = time.time()
+    try:
+        return real(spec, backbone, local_files_only=local_files_only)
+    finally:
+        calls.append({"start": start, "end": time.time(), "local_files_only": local_files_only})
+weights.resolve = recorded  # the real resolve, timed
+
+env = D.init_process_group("cpu")
+result = {"rank": env.rank, "cached": weights.resolve_once_per_node("default", "test_resnet").source.sha256}
+result["calls"] = list(calls)
+hf.HF_HUB_CACHE = sys.argv[2]  # an empty cache: one launch tests both cases (starting torch costs seconds)
+try:
+    weights.resolve_once_per_node("default", "test_resnet")
+except weights.WeightsUnavailableError as e:
+    result["error"] = str(e)
+with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:
+    json.dump(result, f)
+D.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # two processes starting torch: about 20 s on a quiet machine
+def test_distributed_ranks_wait_for_the_first_and_read_the_cache(cached: bytes, hub: HubCache, tmp_path: Path) -> None:
+    script, out, empty = tmp_path / "worker.py", tmp_path / "out", tmp_path / "empty"
+    script.write_text(WORKER)
+    out.mkdir()
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(out), str(empty)], env={**os.environ, **hub.env(), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    leader, follower = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert leader["cached"] == follower["cached"] == hashlib.sha256(cached).hexdigest()
+    assert [c["local_files_only"] for c in leader["calls"]] == [False]
+    assert [c["local_files_only"] for c in follower["calls"]] == [True]  # never the network
+    assert follower["calls"][0]["start"] >= leader["calls"][0]["end"]  # after the leader's download
+    # the leader cannot get them: every rank gets the clear error, none is left at the barrier
+    assert all(TAG in r["error"] and str(empty) in r["error"] for r in (leader, follower))
