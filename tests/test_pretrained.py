@@ -332,3 +332,29 @@ def test_distributed_ranks_wait_for_the_first_and_read_the_cache(cached: bytes, 
     assert follower["calls"][0]["start"] >= leader["calls"][0]["end"]  # after the leader's download
     # the leader cannot get them: every rank gets the clear error, none is left at the barrier
     assert all(TAG in r["error"] and str(empty) in r["error"] for r in (leader, follower))
+
+
+# --- the adapters over the import step ----------------------------------------------------------
+
+
+def test_airflow_operator_imports_weights(cached: bytes, tmp_path: Path) -> None:
+    from imlt.components.airflow.operators import ImportPretrainedWeightsOperator
+
+    op = ImportPretrainedWeightsOperator(task_id="import", weights=ARCH, destination=str(tmp_path / "w"), oss_conn_id=None)
+    assert set(op.template_fields) == {"weights", "destination", "backbone"}
+    xcom = op.execute({})
+    assert xcom["pretrained"] == str(tmp_path / "w") and xcom["tag"] == TAG
+    assert (tmp_path / "w" / "model.safetensors").read_bytes() == cached
+
+
+@pytest.mark.slow  # kfp.local starts a process that imports torch
+@pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")
+def test_kfp_component_imports_weights(cached: bytes, tmp_path: Path) -> None:
+    from kfp import local
+
+    from imlt.components.kfp import import_weights as component
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True)
+    task = component(name=TAG, destination=str(tmp_path / "w"))
+    assert task.output == str(tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "weights.json").read_text())["sha256"] == hashlib.sha256(cached).hexdigest()
