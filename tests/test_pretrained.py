@@ -253,28 +253,31 @@ def test_import_refuses_a_folder_holding_other_weights(cached: bytes, hub: HubCa
     assert (tmp_path / "store" / "model.safetensors").read_bytes() == cached  # nothing overwritten
 
 
-@pytest.mark.slow  # three fresh processes importing torch
+@pytest.mark.slow  # a fresh process importing torch
 def test_import_weights_cli_reads_the_environment(hub: HubCache, cached: bytes, tmp_path: Path) -> None:
     """HF_HOME and HF_HUB_OFFLINE as a user sets them, in a fresh process: no constants patched."""
-    env = {**os.environ, **hub.env(), "COLUMNS": "1000"}  # one line per message in rich's output
+    env = {**os.environ, **hub.env()}
     env.pop("HF_HUB_CACHE")  # derived from HF_HOME, as for a user
-    imlt = [sys.executable, "-m", "imlt.trainer.cli"]
-    ok = subprocess.run([*imlt, "import-weights", TAG, "--to", str(tmp_path / "w")], env=env,
-                        capture_output=True, text=True, timeout=300)
+    ok = subprocess.run([sys.executable, "-m", "imlt.trainer.cli", "import-weights", TAG, "--to", str(tmp_path / "w")],
+                        env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["sha256"] == hashlib.sha256(cached).hexdigest()
 
-    env["HF_HOME"] = str(tmp_path / "nothing-here")
-    missing = subprocess.run([*imlt, "import-weights", "resnet_50", "--to", str(tmp_path / "r50")], env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 1
-    text = " ".join(missing.stderr.split())
-    assert "resnet50.a1_in1k" in text and str(tmp_path / "nothing-here" / "hub") in text and "HF_ENDPOINT" in text
+
+def test_import_weights_cli_errors(hub: HubCache, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from imlt.trainer.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["import-weights", "resnet_50", "--to", str(tmp_path / "r50")], env={"COLUMNS": "1000"})
+    assert missing.exit_code == 1
+    text = " ".join(missing.output.split())
+    assert "resnet50.a1_in1k" in text and str(hub.hub) in text and "HF_ENDPOINT" in text
     assert not (tmp_path / "r50").exists()
 
-    bad = subprocess.run([*imlt, "import-weights", "resnet50.nope", "--to", str(tmp_path / "x")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "resnet50.nope" in bad.stderr
+    bad = runner.invoke(app, ["import-weights", "resnet50.nope", "--to", str(tmp_path / "x")], env={"COLUMNS": "1000"})
+    assert bad.exit_code == 2 and "resnet50 has no pretrained tag 'nope'" in " ".join(bad.output.split())
 
 
 # --- distributed: one download per node ---------------------------------------------------------
