@@ -274,6 +274,16 @@ def kfp_compile(
         out.print(str(path), highlight=False)
 
 
+@app.command("import-weights")
+def import_weights(
+    name: Annotated[str, typer.Argument(help="timm tag (resnet50.a1_in1k), backbone name for its default tag (resnet_50), or hf-hub:org/repo")],
+    to: Annotated[str, typer.Option("--to", help="Folder (local or oss://) for model.safetensors + weights.json; then train with pretrained: FOLDER")],
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone the weights must fit (default: from NAME)")] = None,
+) -> None:
+    """Fetch pretrained weights once (Hugging Face cache, HF_ENDPOINT mirror) into a model store, for clusters without internet."""
+    _emit(_call(steps.import_weights, _build(steps.ImportWeightsInput, {"name": name, "destination": to, "backbone": backbone})))
+
+
 def _build(model: type, params: dict[str, Any]) -> Any:
     try:
         return model(**params)

@@ -170,7 +170,11 @@ class ModelConfig(_Section):
     backbone_feature_dim: int | None = Field(None, gt=0, description="Must equal the backbone's output width; derived when omitted")
     feature_dim: int = Field(512, gt=0, description="Embedding (neck output) width")
     num_classes: int | None = Field(None, gt=0, description="Number of train classes; derived from the class list when omitted")
-    pretrained: str | None = Field(None, description="Local or oss:// checkpoint; no download at run time")
+    pretrained: str | None = Field(
+        None,
+        description="Starting weights: `default` (the backbone's default timm tag), a timm tag (resnet50.a1_in1k), "
+        "hf-hub:org/repo, or a local/oss:// file or import-weights folder; empty: random init. See docs/pretrained.md",
+    )
 
     @model_validator(mode="after")
     def _check_backbone_dim(self) -> "ModelConfig":
@@ -182,6 +186,10 @@ class ModelConfig(_Section):
                 f"model.backbone_feature_dim={self.backbone_feature_dim} but backbone {self.backbone!r} "
                 f"outputs {real} features; set it to {real} or omit it"
             )
+        if self.pretrained is not None:
+            from imlt.trainer.weights import check_spec  # registry lookups only, never the network
+
+            check_spec(self.pretrained, self.backbone)
         return self
 
 

@@ -1,9 +1,11 @@
 """The embedding model: a timm backbone (pooled features) + a Linear/BatchNorm neck, L2-normalised.
 
-Weights never come from the network: `model.pretrained` is a local or oss:// file read through
-trainer.storage, in safetensors or a weights-only torch checkpoint. A trained model folder holds
-model.safetensors, config.json (the resolved RunConfig with its hash) and classes.txt, which is
-everything evaluate and publish need to rebuild it.
+`model.pretrained` names the starting weights: `default`, a timm tag, `hf-hub:org/repo`, or a
+local/oss:// file (trainer.weights resolves them). Backbone checkpoints load through timm, strictly;
+a state dict of our own model (backbone.* / neck.*) loads non-strictly with a report. The model
+carries its `PretrainedRecord`, and the model folder keeps it as pretrained.json. A trained model
+folder holds model.safetensors, config.json (the resolved RunConfig with its hash) and classes.txt,
+which is everything evaluate and publish need to rebuild it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import io
 import json
 import logging
-import pickle
-import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import timm
 import torch
@@ -24,21 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from imlt.trainer import storage
+from imlt.trainer import weights as weights_mod
 from imlt.trainer.config import ModelConfig, RunConfig, timm_name, validate_config
 from imlt.trainer.model_files import CLASSES, CONFIG, WEIGHTS
+from imlt.trainer.weights import PRETRAINED_RECORD, PretrainedError, ResolvedWeights, WeightsSource, preview
 
 log = logging.getLogger(__name__)
 
-# Keys of a classification head in timm/torchvision checkpoints; our backbone has none
-# (num_classes=0), so these are expected leftovers, not problems.
-_CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.")
-# Wrappers that training scripts put around a state dict.
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _OPTIONAL_KWARGS = ("img_size", "zero_init_last")
 
 
 class EmbeddingModel(nn.Module):
     """Backbone -> Linear -> BatchNorm1d -> L2 normalise; retrieval compares embeddings by cosine."""
+
+    pretrained: PretrainedRecord | None = None
 
     def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
         super().__init__()
@@ -51,19 +50,31 @@ class EmbeddingModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, image_size: int, *, zero_init_last: bool = True) -> EmbeddingModel:
-    """Create the network; load `cfg.pretrained` if set.
+    """Create the network, starting from `cfg.pretrained` if set; the load is logged and kept as `.pretrained`.
 
-    zero_init_last=False matters only for an untrained baseline: timm ResNets zero the last BN
-    of each block by default, which maps every image to nearly the same embedding.
+    Every error about the starting weights (unknown tag, not downloadable, shapes that do not fit)
+    is raised here, before a training run writes anything. zero_init_last=False matters only for an
+    untrained baseline: timm ResNets zero the last BN of each block by default, which maps every
+    image to nearly the same embedding.
     """
     name = timm_name(cfg.backbone)
     wanted = {"img_size": image_size, "zero_init_last": zero_init_last}
     accepted = _accepted_kwargs(name)
     kwargs = {k: v for k, v in wanted.items() if k in accepted and v is not None}
-    backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    weights = weights_mod.resolve_once_per_node(cfg.pretrained, cfg.backbone) if cfg.pretrained else None
+    report = None
+    if weights is not None and not weights.ours:
+        backbone, report = _pretrained_backbone(name, kwargs, weights)
+    else:
+        backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     model = EmbeddingModel(backbone, cfg.feature_dim)
-    if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
+    if weights is not None:
+        if report is None:
+            report = _load_ours(model, weights.state_dict, weights.source.spec)
+        else:
+            report.missing = [k for k in model.state_dict() if k.startswith("neck.")]
+        model.pretrained = PretrainedRecord(weights.source, report)
+        _log_report(model.pretrained)
     return model
 
 
@@ -105,6 +116,10 @@ def _model_class_params(classes: list[type]) -> list[set[str]]:
 
 # --- pretrained weights -------------------------------------------------------------------------
 
+# Classifier tensors of timm/torchvision checkpoints when timm's registry does not name them; our
+# backbone has none (num_classes=0), so these are expected leftovers, not problems.
+_CLASSIFIER_KEYS = tuple(f"{p}.{w}" for p in ("fc", "head", "head.fc", "classifier", "last_linear") for w in ("weight", "bias"))
+
 
 @dataclass
 class LoadReport:
@@ -115,19 +130,91 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     ignored_classifier: list[str] = field(default_factory=list)
 
+    def summary(self) -> dict[str, Any]:
+        """The record kept in the model folder: counts, and every key that did not load."""
+        backbone_missing = [k for k in self.missing if k.startswith("backbone.")]
+        return {
+            "matched": len(self.matched),
+            "backbone_missing": backbone_missing,
+            "unexpected": self.unexpected,
+            "ignored_classifier": self.ignored_classifier,
+            "random_init": sorted({k.split(".")[0] for k in self.missing if not k.startswith("backbone.")}) + (
+                ["backbone (partly)"] if backbone_missing else []),
+        }
+
+
+@dataclass
+class PretrainedRecord:
+    """Where the starting weights came from and what they filled; kept on the model as `.pretrained`."""
+
+    source: WeightsSource
+    report: LoadReport
+
+    def dump(self) -> dict[str, Any]:
+        return {"source": self.source.model_dump(mode="json", exclude_none=True), "load": self.report.summary()}
+
+
+def _pretrained_backbone(name: str, kwargs: dict[str, Any], weights: ResolvedWeights) -> tuple[nn.Module, LoadReport]:
+    """Create the backbone through timm with `weights` as its pretrained state dict, strictly.
+
+    timm then applies the architecture's own checkpoint filter (a ViT's position embedding resampled
+    to image_size, a Swin's attention tables, ...) and adapts the stem, which a plain
+    load_state_dict could not. The classifier is dropped first and the pretrained config claims
+    num_classes=0 like the model, so timm loads strictly: every backbone tensor comes from the file
+    or the load fails naming the keys.
+    """
+    label = weights.source.tag or weights.source.spec
+    state = dict(weights.state_dict)
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    classifiers = getattr(cfg, "classifier", None)
+    names = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers or ())
+    keys = tuple(f"{c}.{w}" for c in names for w in ("weight", "bias")) or _CLASSIFIER_KEYS
+    dropped = [k for k in keys if k in state]
+    for k in dropped:
+        del state[k]
+    if not state:
+        raise PretrainedError(f"{label}: holds no tensors besides the classifier")
+    overlay = {"state_dict": state, "num_classes": 0, "source": None, "file": None}
+    try:
+        backbone = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs)
+    except RuntimeError as e:
+        raise PretrainedError(f"{label}: does not fit backbone {name}: {_short_load_error(str(e))}") from None
+    for attr in ("pretrained_cfg", "default_cfg"):  # do not keep a second copy of the weights alive
+        cfg_dict = getattr(backbone, attr, None)
+        if isinstance(cfg_dict, dict):
+            cfg_dict.pop("state_dict", None)
+    matched = [f"backbone.{k}" for k in backbone.state_dict()]
+    return backbone, LoadReport(matched=matched, ignored_classifier=[f"backbone.{k}" for k in dropped])
+
+
+def _short_load_error(message: str, keys: int = 8) -> str:
+    """torch's load_state_dict error with each key list cut to a few names."""
+    lines = []
+    for line in message.strip().splitlines()[1:] or message.strip().splitlines():
+        line = line.strip()
+        head, sep, rest = line.partition(": ")
+        if sep and line.startswith(("Missing key", "Unexpected key")):
+            names = [n.strip().strip('"') for n in rest.rstrip(". ").split(",")]
+            line = f"{head}: {preview(names, keys)}"
+        lines.append(line)
+    return "; ".join(lines[: keys + 2])
+
 
 def load_pretrained(model: EmbeddingModel, url: str) -> LoadReport:
-    """Load a backbone (timm/torchvision) or embedding-model state dict from a file, non-strictly.
+    """Load an embedding-model state dict (backbone.* and neck.*, e.g. a previous run's) into `model`.
 
-    Accepted layouts: our own keys (`backbone.*`, `neck.*`), bare backbone keys, either wrapped in
-    {"state_dict"|"model": ...} and/or prefixed with DDP's `module.`. Shape mismatches and a file
-    that matches nothing are errors; missing and unexpected keys are logged.
+    Not strict, because a model of ours may have another neck width or none: shape mismatches and a
+    file that matches nothing are errors; missing and unexpected keys are reported and logged.
+    Backbone checkpoints (timm/torchvision keys) go through `build_model`, which loads them strictly.
     """
-    state = _unwrap(read_state_dict(url), url)
+    weights = weights_mod.resolve(url, "")
+    return _load_ours(model, weights.state_dict, weights.source.spec)
+
+
+def _load_ours(model: EmbeddingModel, state: dict[str, torch.Tensor], label: str) -> LoadReport:
     if not any(k.startswith(("backbone.", "neck.")) for k in state):
         state = {f"backbone.{k}": v for k, v in state.items()}
     own = model.state_dict()
-    classifier = _classifier_prefixes(model.backbone)
     report, usable, mismatched = LoadReport(), {}, []
     for key, tensor in state.items():
         if key in own:
@@ -136,115 +223,48 @@ def load_pretrained(model: EmbeddingModel, url: str) -> LoadReport:
             else:
                 usable[key] = tensor
                 report.matched.append(key)
-        elif key.removeprefix("backbone.").startswith(classifier):
+        elif key.removeprefix("backbone.") in _CLASSIFIER_KEYS:
             report.ignored_classifier.append(key)
         else:
             report.unexpected.append(key)
     if mismatched:
-        raise ValueError(f"{url}: {len(mismatched)} tensors have the wrong shape for this model:\n  " + "\n  ".join(mismatched[:20]))
+        raise PretrainedError(f"{label}: {len(mismatched)} tensors have the wrong shape for this model:\n  " + "\n  ".join(mismatched[:20]))
     if not usable:
-        raise ValueError(
-            f"{url}: no tensor matched the model (is it a checkpoint of another backbone?); "
-            f"file keys: {_preview(list(state))}; model keys: {_preview(list(own))}"
+        raise PretrainedError(
+            f"{label}: no tensor matched the model (is it a checkpoint of another backbone?); "
+            f"file keys: {preview(list(state))}; model keys: {preview(list(own))}"
         )
     model.load_state_dict(usable, strict=False)
     report.missing = [k for k in own if k not in usable]
-    _log_report(url, report)
     return report
 
 
 def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     """A flat or nested dict of tensors from safetensors or a torch checkpoint (weights only)."""
-    data = storage.read_bytes(url)
-    if _is_safetensors(data):
-        from safetensors.torch import load
-
-        return load(data)
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols just before refusing
-            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = _unpickler_detail(str(e))
-        if "Unsupported global" in detail or data[:1] == b"\x80":  # 0x80: a raw pickle stream
-            raise ValueError(
-                f"{url}: refusing to load: the file holds pickled Python objects, not only tensors "
-                f"({detail}). Save a plain state_dict (torch.save(model.state_dict(), ...)) or safetensors."
-            ) from None
-        raise ValueError(f"{url}: not a safetensors file or torch checkpoint ({detail})") from None
-    except Exception as e:  # corrupt or foreign file: say which file and what it is not
-        raise ValueError(f"{url}: not a safetensors file or torch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{url}: expected a state dict, got {type(obj).__name__}")
-    return obj
+    return weights_mod.parse_state_dict(storage.read_bytes(url), url)
 
 
-def _unpickler_detail(message: str) -> str:
-    """The one informative line of torch's long weights-only error."""
-    for line in message.splitlines():
-        if "WeightsUnpickler error:" in line:
-            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
-            if rest:
-                return rest.split(". Please use")[0]
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip().startswith("Unsupported")]
-    return lines[0] if lines else message.strip().splitlines()[0][:200]
-
-
-def _is_safetensors(data: bytes) -> bool:
-    # Format: 8-byte little-endian header length, then a JSON header starting with '{'.
-    if len(data) < 9:
-        return False
-    n = int.from_bytes(data[:8], "little")
-    return 0 < n <= len(data) - 8 and data[8:9] == b"{"
-
-
-def _unwrap(obj: dict, url: str) -> dict[str, torch.Tensor]:
-    while not _all_tensors(obj):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-            raise ValueError(f"{url}: not a state dict: entries {_preview(bad)} are not tensors")
-        obj = inner
-    prefix = "module."
-    if obj and all(k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
-
-
-def _all_tensors(obj: dict) -> bool:
-    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
-    cfg_name = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier")
-    extra = (f"{cfg_name}.",) if isinstance(cfg_name, str) else ()
-    return _CLASSIFIER_PREFIXES + extra
-
-
-def _preview(keys: list[str], n: int = 5) -> str:
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def _log_report(url: str, r: LoadReport) -> None:
-    log.info("%s: loaded %d tensors", url, len(r.matched))
+def _log_report(record: PretrainedRecord) -> None:
+    src, r = record.source, record.report
+    where = src.tag or src.repo or src.url or src.spec
+    note = f" (imported from {src.imported_from.tag or src.imported_from.repo})" if src.imported_from else ""
+    log.info("pretrained %s%s: loaded %d tensors, sha256 %s", where, note, len(r.matched), (src.sha256 or "?")[:12])
     if r.ignored_classifier:
-        log.info("%s: ignored %d classifier tensors: %s", url, len(r.ignored_classifier), _preview(r.ignored_classifier))
+        log.info("pretrained %s: dropped %d classifier tensors: %s", where, len(r.ignored_classifier), preview(r.ignored_classifier))
     missing_backbone = [k for k in r.missing if k.startswith("backbone.")]
     if missing_backbone:
-        log.warning("%s: %d backbone tensors missing from the file (left at init): %s", url, len(missing_backbone), _preview(missing_backbone))
+        log.warning("pretrained %s: %d backbone tensors missing from the file (left at random init): %s", where, len(missing_backbone), preview(missing_backbone))
     if r.unexpected:
-        log.warning("%s: %d tensors in the file match nothing in the model: %s", url, len(r.unexpected), _preview(r.unexpected))
-    missing_neck = [k for k in r.missing if k.startswith("neck.")]
-    if missing_neck:
-        log.info("%s: neck not in the file; it starts from random init", url)
+        log.warning("pretrained %s: %d tensors in the file match nothing in the model: %s", where, len(r.unexpected), preview(r.unexpected))
+    if any(k.startswith("neck.") for k in r.missing) or not any(k.startswith("neck.") for k in r.matched):
+        log.info("pretrained %s: the neck is not in the file; it starts from random init", where)
 
 
 # --- trained model folder -----------------------------------------------------------------------
 
 
 def save_embedding_model(model: EmbeddingModel, cfg: RunConfig, model_dir: str, classes: list[str]) -> None:
-    """Write weights (safetensors), the resolved config with its hash, and the class list."""
+    """Write weights (safetensors), the resolved config with its hash, the class list and pretrained.json."""
     from safetensors.torch import save
 
     # unwrap DDP / torch.compile wrappers so keys are always backbone.* / neck.*
@@ -257,6 +277,9 @@ def save_embedding_model(model: EmbeddingModel, cfg: RunConfig, model_dir: str, 
     storage.write_bytes(storage.join(model_dir, WEIGHTS), save(state, metadata={"config_hash": cfg.config_hash()}))
     storage.write_text(storage.join(model_dir, CONFIG), json.dumps(cfg.dump(), indent=2, ensure_ascii=False) + "\n")
     storage.write_text(storage.join(model_dir, CLASSES), "".join(c + "\n" for c in classes))
+    record = getattr(inner, "pretrained", None)
+    if isinstance(record, PretrainedRecord):  # where the starting weights came from, for the model card
+        storage.write_text(storage.join(model_dir, PRETRAINED_RECORD), json.dumps(record.dump(), indent=2) + "\n")
 
 
 def load_embedding_model(model_dir: str) -> tuple[EmbeddingModel, RunConfig]:

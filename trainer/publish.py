@@ -369,6 +369,7 @@ def model_card(
         "num_classes": len(classes),
         "data": summary,
         "usage": usage,
+        "pretrained": json.loads(storage.read_text(p)) if storage.exists(p := storage.join(inp.model_dir, "pretrained.json")) else None,
         "config": config,
         "export_check": {"batches": list(CHECK_BATCHES), "tolerance": EXPORT_TOLERANCE, "max_abs_diff": export_diffs},
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -434,6 +435,8 @@ def render_card(card: dict[str, Any]) -> str:
                      f"(split `{data['split']}`, format {data['data_format']}, from `{data['annotations']}`).")
     else:
         lines.append("No data summary given.")
+    if card.get("pretrained"):  # where the starting weights came from (trainer.weights)
+        lines += ["", "## Starting weights", "", "```json", json.dumps(card["pretrained"], indent=2), "```"]
     if card["usage"]:
         lines += ["", "## Usage", "", "```json", json.dumps(card["usage"], indent=2), "```"]
     lines += ["", "## Config", "", "```json", json.dumps(card["config"], indent=2, ensure_ascii=False), "```", ""]

@@ -172,6 +172,28 @@ class ImportModelOutput(StepModel):
     model_dir: str
 
 
+# --- import pretrained weights (once per model store, for clusters without internet) ---------------
+
+
+class ImportWeightsInput(StepModel):
+    name: str = Field(..., description="timm tag (resnet50.a1_in1k), a backbone name for its default tag (resnet_50), or hf-hub:org/repo")
+    destination: str = Field(..., description="Folder (local or oss://) that receives model.safetensors and weights.json")
+    backbone: str | None = Field(None, description="Backbone the weights must fit (default: from NAME; checked against a hub repo's config.json)")
+
+
+class ImportWeightsOutput(StepModel):
+    pretrained: str = Field(..., description="The value for model.pretrained: the destination folder")
+    weights_url: str
+    note_url: str
+    tag: str | None = None
+    repo: str | None = None
+    revision: str | None = None
+    sha256: str
+    num_tensors: int
+    reused: bool = Field(False, description="True when the destination already held these exact bytes")
+
+
+
 # --- parameters as the adapters see them ------------------------------------------------------------
 # KFP inputs, Airflow operator arguments and CLI options are flat names; these helpers derive
 # them (type, default, description) from the models above and from RunConfig, so that an

@@ -19,6 +19,8 @@ from imlt.trainer.step_models import (
     EvaluateOutput,
     ImportModelInput,
     ImportModelOutput,
+    ImportWeightsInput,
+    ImportWeightsOutput,
     PublishInput,
     PublishOutput,
     ReadDataInput,
@@ -33,9 +35,9 @@ from imlt.trainer.step_models import (
 
 __all__ = [
     "STEPS", "Step", "register", "read_data", "validate", "train", "train_remote", "evaluate", "publish",
-    "import_model", "StepModel", "ReadDataInput", "ReadDataOutput", "ValidateInput", "ValidateOutput",
+    "import_model", "import_weights", "StepModel", "ReadDataInput", "ReadDataOutput", "ValidateInput", "ValidateOutput",
     "TrainInput", "TrainOutput", "RemoteTrainInput", "EvaluateInput", "EvaluateOutput", "PublishInput",
-    "PublishOutput", "ImportModelInput", "ImportModelOutput",
+    "PublishOutput", "ImportModelInput", "ImportModelOutput", "ImportWeightsInput", "ImportWeightsOutput",
 ]
 
 In = TypeVar("In", bound=StepModel)
@@ -121,10 +123,18 @@ def _import_model(inp: ImportModelInput) -> ImportModelOutput:
     return ImportModelOutput(model_dir=inp.output_dir)
 
 
+def _import_weights(inp: ImportWeightsInput) -> ImportWeightsOutput:
+    """Fetch pretrained weights once through timm/huggingface_hub and store them for `pretrained: oss://...`."""
+    from imlt.trainer.weights import import_weights as run
+
+    return run(inp)
+
+
 read_data = register(Step("read_data", ReadDataInput, ReadDataOutput, _read_data))
 validate = register(Step("validate", ValidateInput, ValidateOutput, _validate))
 train = register(Step("train", TrainInput, TrainOutput, _train))
 train_remote = register(Step("train_remote", RemoteTrainInput, TrainOutput, _train_remote))
 evaluate = register(Step("evaluate", EvaluateInput, EvaluateOutput, _evaluate))
 publish = register(Step("publish", PublishInput, PublishOutput, _publish))
+import_weights = register(Step("import_weights", ImportWeightsInput, ImportWeightsOutput, _import_weights))
 import_model = register(Step("import_model", ImportModelInput, ImportModelOutput, _import_model))

@@ -123,3 +123,7 @@ def fill_model_artifacts(out: TrainOutput, config: RunConfig, model: Any, traini
     })
     _artifacts.write_text(training_curve.path, _artifacts.html_page(
         f"Training {config.model.backbone} + {config.loss.name.value}", _artifacts.png_urls(out.model_dir), out.history))
+
+
+def import_weights(**values: Any) -> str:
+    return steps.import_weights(step_input("import_weights", values)).pretrained

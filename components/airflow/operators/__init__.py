@@ -1,6 +1,7 @@
 """One Airflow operator per pipeline step; each is a thin adapter over trainer.steps."""
 
 from imlt.components.airflow.operators.evaluate import EvaluateRecallOperator
+from imlt.components.airflow.operators.import_weights import ImportPretrainedWeightsOperator
 from imlt.components.airflow.operators.publish import PublishModelOperator
 from imlt.components.airflow.operators.read_data import ReadOssDataOperator
 from imlt.components.airflow.operators.train import TrainMetricModelOperator
@@ -9,6 +10,7 @@ from imlt.components.airflow.operators.validate import ValidateAnnotationsOperat
 
 __all__ = [
     "EvaluateRecallOperator",
+    "ImportPretrainedWeightsOperator",
     "KubernetesTrainMetricModelOperator",
     "PublishModelOperator",
     "ReadOssDataOperator",
