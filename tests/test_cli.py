@@ -46,7 +46,7 @@ def test_run_help_describes_the_sections() -> None:
 def test_read_data_does_not_print_the_class_list(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from tests.kfp_data import CLASSES, write_split
+    from tests.support.images import CLASSES, write_split
 
     ann = write_split(tmp_path / "data", "train", per_class=2)
     ran = CliRunner().invoke(cli.app, ["read-data", "--output-dir", str(tmp_path / "ds"), "--annotations", str(ann)])

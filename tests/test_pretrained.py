@@ -27,7 +27,7 @@ from imlt.trainer.engine import run_training
 from imlt.trainer.model import build_model
 from imlt.trainer.steps import ImportWeightsInput, TrainInput, import_weights
 from imlt.trainer.weights import PRETRAINED_RECORD, PretrainedError, WeightsUnavailableError, resolve, timm_tag
-from tests.colour_data import write_colour_dataset
+from tests.support.images import write_colour_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH, TAG = "test_resnet", "test_resnet.r160_in1k"
@@ -292,7 +292,7 @@ def test_resolve_reads_only_the_cache_when_asked(cached: bytes, hub: HubCache) -
 WORKER = r"""
 import json, sys, time
 import huggingface_hub.constants as hf
-from imlt.trainer import distributed as D, weights
+from imlt.trainer import process_group as D, weights
 
 calls = []
 real = weights.resolve

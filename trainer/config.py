@@ -187,9 +187,9 @@ class ModelConfig(_Section):
                 f"outputs {real} features; set it to {real} or omit it"
             )
         if self.pretrained is not None:
-            from imlt.trainer.weights import check_spec  # registry lookups only, never the network
+            from imlt.trainer.weight_specs import check_spec  # registry lookups only, never the network
 
-            check_spec(self.pretrained, self.backbone)
+            check_spec(self.pretrained, self.backbone, timm_name(self.backbone), self.backbone in BACKBONES)
         return self
 
 

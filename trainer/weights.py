@@ -13,7 +13,7 @@ mirror (HF_ENDPOINT) and offline mode (HF_HUB_OFFLINE); timm's registry says whi
 hold a tag. Nothing here speaks HTTP. Every resolution records its provenance (`WeightsSource`:
 tag, repo, revision, sha256), which the train step writes beside the model and the model card shows.
 
-This module imports neither torch nor timm at module level: config validation calls `check_spec`.
+Parsing a spec (what config validation needs) lives in trainer.weight_specs, which imports no config.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from imlt.trainer.config import BACKBONES, ConfigError, timm_name
+from imlt.trainer.weight_specs import DEFAULT, HF_PREFIX, spec_kind
+from imlt.trainer.weight_specs import timm_tag as _timm_tag
+
 if TYPE_CHECKING:
     import torch
 
@@ -38,17 +42,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT = "default"
-HF_PREFIX = "hf-hub:"
 WEIGHTS_FILE = "model.safetensors"
 IMPORT_NOTE = "weights.json"  # beside an imported model.safetensors
 PRETRAINED_RECORD = "pretrained.json"  # in a trained model folder
 # What the Hub holds for timm models, in order of preference (safetensors needs no unpickling).
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
-_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
-
-Kind = Literal["default", "timm", "hf-hub", "file"]
-
 
 class PretrainedError(ValueError):
     """Starting weights that cannot be used: unknown tag, repo without weights, shapes that do not fit."""
@@ -87,77 +85,9 @@ class ResolvedWeights:
         return any(k.startswith(("backbone.", "neck.")) for k in self.state_dict)
 
 
-# --- what a spec names ----------------------------------------------------------------------------
-
-
-def spec_kind(spec: str) -> Kind:
-    """Classify model.pretrained without touching storage or the network (a tag never contains '/')."""
-    if spec == DEFAULT:
-        return "default"
-    if spec.startswith(HF_PREFIX):
-        return "hf-hub"
-    if "://" in spec or "/" in spec or "\\" in spec or spec.startswith(".") or spec.endswith(_FILE_SUFFIXES):
-        return "file"
-    return "file" if Path(spec).exists() else "timm"
-
-
-def check_spec(spec: str, backbone: str) -> None:
-    """Refuse a spec that can never work, before any data is read (config validation).
-
-    `default` with one of the reference's backbones needs no timm import (the table in
-    docs/pretrained.md is checked by tests against timm's registry), so validating a pipeline's
-    default config stays light.
-    """
-    from imlt.trainer.config import BACKBONES
-
-    kind = spec_kind(spec)
-    if not spec.strip():
-        raise ValueError("model.pretrained is empty; leave it unset (null) for random initialisation")
-    if kind == "hf-hub":
-        repo = spec[len(HF_PREFIX):].partition("@")[0]
-        if repo.count("/") != 1 or not all(repo.split("/")):
-            raise ValueError(f"model.pretrained={spec!r}: expected hf-hub:ORG/REPO (optionally @REVISION)")
-    elif kind == "timm" or (kind == "default" and backbone not in BACKBONES):
-        timm_tag(spec, backbone)
-
-
 def timm_tag(spec: str, backbone: str) -> str:
     """The full timm name `arch.tag` that `default` or a tag names for this backbone, from timm's registry."""
-    import timm
-
-    from imlt.trainer.config import timm_name
-
-    arch = timm_name(backbone)
-    arch_base = timm.models.split_model_name_tag(arch)[0]
-    name = arch if spec == DEFAULT else spec
-    base, tag = timm.models.split_model_name_tag(name)
-    if base != arch_base:
-        if not timm.is_model(base):
-            raise ValueError(
-                f"model.pretrained={spec!r}: not a file and not a timm pretrained tag; "
-                f"tags of {arch_base}: {_tags_of(arch_base)}"
-            )
-        raise ValueError(
-            f"model.pretrained={spec!r}: a tag of {base}, but model.backbone={backbone!r} is {arch_base}; "
-            f"its tags: {_tags_of(arch_base)}"
-        )
-    try:
-        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
-    except RuntimeError:
-        cfg = None
-    if cfg is None or not cfg.tag:
-        what = "has no pretrained weights in timm's registry" if not tag else f"has no pretrained tag {tag!r}"
-        raise ValueError(f"model.pretrained={spec!r}: {arch_base} {what}; its tags: {_tags_of(arch_base)}")
-    return f"{cfg.architecture}.{cfg.tag}"
-
-
-def _tags_of(arch: str, limit: int = 12) -> str:
-    import timm
-
-    tags = timm.list_pretrained(f"{arch}.*")
-    if not tags:
-        return "none (train from random weights or give a file)"
-    return ", ".join(tags[:limit]) + (f" ... (+{len(tags) - limit})" if len(tags) > limit else "")
+    return _timm_tag(spec, timm_name(backbone), backbone)
 
 
 # --- resolution -----------------------------------------------------------------------------------
@@ -204,7 +134,7 @@ def resolve_once_per_node(spec: str, backbone: str) -> ResolvedWeights:
     """
     import torch.distributed as dist
 
-    from imlt.trainer.distributed import barrier
+    from imlt.trainer.collectives import barrier
 
     if spec_kind(spec) == "file" or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return resolve(spec, backbone)
@@ -244,7 +174,6 @@ def _check_architecture(spec: str, arch: str | None, backbone: str) -> None:
         return
     import timm
 
-    from imlt.trainer.config import timm_name
 
     want = timm.models.split_model_name_tag(timm_name(backbone))[0]
     have = timm.models.split_model_name_tag(arch)[0]
@@ -350,7 +279,6 @@ def import_weights(inp: ImportWeightsInput) -> ImportWeightsOutput:
     from safetensors.torch import save
 
     from imlt.trainer import storage
-    from imlt.trainer.config import BACKBONES, ConfigError
     from imlt.trainer.step_models import ImportWeightsOutput
 
     name = inp.name.strip()

@@ -106,6 +106,8 @@ class Lease:
         self._acquired_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # a folder the lease itself brought into being is removed with it when nothing else landed there
+        self._made_folder = storage.is_local(folder) and not os.path.exists(local_path(folder))
 
     # -- the objects ---------------------------------------------------------------------------
 
@@ -203,6 +205,8 @@ class Lease:
             if storage.is_local(self.folder):  # no empty .lease/ left behind; rmdir fails if a claimant is in it
                 with contextlib.suppress(OSError):
                     os.rmdir(local_path(storage.join(self.folder, LEASE_FOLDER)))
+                    if self._made_folder:
+                        os.rmdir(local_path(self.folder))
         self.generation = None
 
     def __enter__(self) -> Lease:
