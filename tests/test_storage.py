@@ -399,23 +399,23 @@ def test_lease_one_holder_renews_expires_and_is_taken_over(backend: str, tmp_pat
     from imlt.trainer.storage.lease import Lease, LeaseHeldError, current_holder
 
     folder = request.getfixturevalue("oss_server").url("run") if backend == "oss" else str(tmp_path / "run")
-    first = Lease(folder, purpose="training", ttl=0.6).acquire()
+    first = Lease(folder, purpose="training", ttl=2.0).acquire()
     holder = current_holder(folder)
     assert holder is not None and holder.info["purpose"] == "training" and holder.generation == 1
     start = time.monotonic()
     with pytest.raises(LeaseHeldError, match=r"in use by .*:\d+ \(training since .*renewed \d+s ago\)"):
-        Lease(folder, ttl=0.6).acquire()  # waits until it sees the holder renew: alive
-    assert time.monotonic() - start < 2
+        Lease(folder, ttl=2.0).acquire()  # waits until it sees the holder renew: alive
+    assert time.monotonic() - start < 6
     first.release()
     assert current_holder(folder) is None and storage.list_files(folder) == []
-    with Lease(folder, ttl=0.6) as second:  # free again
+    with Lease(folder, ttl=2.0) as second:  # free again
         assert second.generation == 1
 
     # a holder that died without releasing: its lease expires and the next claimant takes generation 2
     dead = {"holder": "gone:1", "token": "x", "purpose": "training", "acquired_at": time.time() - 10,
             "renewed_at": time.time() - 10, "ttl": 5}
     storage.write_text(storage.join(folder, ".lease", "00000001.json"), _json.dumps(dead))
-    with Lease(folder, ttl=0.6) as third:
+    with Lease(folder, ttl=2.0) as third:
         assert third.generation == 2
         assert [u.rsplit("/", 1)[1] for u in storage.list_files(folder)] == ["00000002.json"]
 
