@@ -11,6 +11,7 @@ from kfp import dsl, kubernetes
 from imlt.components.kfp._factory import Io
 from imlt.trainer.config import INSTANCE_TYPES
 from imlt.trainer.k8s import OSS_SECRET_KEYS as _SECRET_LAYOUT
+from imlt.trainer.k8s import SHM_VOLUME, shm_size_limit
 
 # The one Secret layout of the project (see trainer.k8s): its keys are the variable names.
 
@@ -44,9 +45,21 @@ STEP_RESOURCES = {"small": ("1", "2", "2G", "4G"), "evaluate": ("2", "4", "4G", 
 
 def set_step_resources(task: dsl.PipelineTask, size: str = "small") -> dsl.PipelineTask:
     """Requests and limits for a task that is not training: without them the scheduler packs
-    pods by nothing and a busy node starves (or OOM-kills) them."""
+    pods by nothing and a busy node starves (or OOM-kills) them. Evaluation embeds with
+    DataLoader workers, so it gets a /dev/shm of its own."""
     cpu_req, cpu_lim, mem_req, mem_lim = STEP_RESOURCES[size]
-    return task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim).set_memory_request(mem_req).set_memory_limit(mem_lim)
+    task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim).set_memory_request(mem_req).set_memory_limit(mem_lim)
+    return mount_shm(task, mem_lim) if size == "evaluate" else task
+
+
+def mount_shm(task: dsl.PipelineTask, memory_limit: str) -> dsl.PipelineTask:
+    """A memory-backed /dev/shm for a task whose DataLoader workers hand batches over through it.
+
+    Kubernetes gives a container 64 MiB there, which one batch of 224 px images from 4 workers
+    overflows ("unable to allocate shared memory"). Its size counts against the memory limit.
+    """
+    return kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory",
+                                      size_limit=shm_size_limit(memory_limit))
 
 
 def retry_when_safe(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -66,9 +79,11 @@ def set_train_resources(task: dsl.PipelineTask, instance_type: str | None) -> ds
     The well-known label node.kubernetes.io/instance-type pins the pod to that node type.
     """
     if instance_type is None:
-        return task.set_cpu_request("2").set_cpu_limit("4").set_memory_request("8G").set_memory_limit("16G")
+        task.set_cpu_request("2").set_cpu_limit("4").set_memory_request("8G").set_memory_limit("16G")
+        return mount_shm(task, "16G")
     spec = INSTANCE_TYPES[instance_type]
     task.set_cpu_request(str(max(1, spec.cpu - 1))).set_cpu_limit(str(spec.cpu))
     task.set_memory_request(f"{int(spec.memory_gb * 0.8)}G").set_memory_limit(f"{spec.memory_gb}G")
+    mount_shm(task, f"{spec.memory_gb}G")
     task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(spec.gpus)
     return kubernetes.add_node_selector(task, label_key="node.kubernetes.io/instance-type", label_value=instance_type)

@@ -89,7 +89,10 @@ def test_trainjob_fields_for_a_multi_node_gpu_run() -> None:
 def test_trainjob_cpu_run_has_no_gpu_parts_and_no_secret_when_disabled() -> None:
     m = k8s.render_trainjob(_cfg(), image=IMAGE, command=COMMAND, oss_secret=None)
     k8s.validate_trainjob(m)
-    assert "runtimePatches" not in m["spec"] and "resourcesPerNode" not in m["spec"]["trainer"]
+    (patch,) = m["spec"]["runtimePatches"]  # only the /dev/shm volume: no node selector, no tolerations
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert set(job["template"]["spec"]["template"]["spec"]) == {"volumes", "containers"}
+    assert "resourcesPerNode" not in m["spec"]["trainer"]
     assert "env" not in m["spec"]["trainer"]
 
 
@@ -393,3 +396,33 @@ def test_node0_logs_are_streamed_once(trainjob: dict[str, Any]) -> None:
 def test_manifest_of_unknown_kind_is_refused() -> None:
     with pytest.raises(k8s.ManifestError, match="expected a TrainJob or a PyTorchJob"):
         k8s.submit_and_wait({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}}, api=FakeApi(), echo=lambda s: None)
+
+
+# ---- /dev/shm ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CONFIGS)
+def test_every_job_pod_mounts_a_memory_backed_dev_shm_sized_from_its_memory(case: str) -> None:
+    cfg = _cfg(**CONFIGS[case])
+    memory = k8s.node_resources(cfg.compute)[0].get("limits", {}).get("memory")
+    expected = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size_limit(memory)}}
+    mount = {"name": "dshm", "mountPath": "/dev/shm"}
+
+    trainjob = k8s.render_trainjob(cfg, image=IMAGE, command=COMMAND)
+    k8s.validate_trainjob(trainjob)
+    (patch,) = trainjob["spec"]["runtimePatches"]
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = job["template"]["spec"]["template"]["spec"]
+    assert pod["volumes"] == [expected]
+    assert pod["containers"] == [{"name": "node", "volumeMounts": [mount]}]
+
+    pytorchjob = k8s.render_pytorchjob(cfg, image=IMAGE, command=COMMAND)
+    _validate_pytorchjob(pytorchjob)
+    for replica in pytorchjob["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["volumes"] == [expected]
+        assert replica["template"]["spec"]["containers"][0]["volumeMounts"] == [mount]
+
+
+@pytest.mark.parametrize("memory,size", [("60Gi", "30Gi"), ("16G", "8G"), ("3Gi", "1.5Gi"), (None, "4Gi"), ("lots", "4Gi")])
+def test_shm_size_is_half_the_memory_limit(memory: str | None, size: str) -> None:
+    assert k8s.shm_size_limit(memory) == size

@@ -236,3 +236,15 @@ def test_required_pipeline_inputs_have_no_empty_defaults() -> None:
         for name in ("train_annotations", "val_annotations", "destination", "model_url", "annotations"):
             if name in params:
                 assert "defaultValue" not in params[name], f"{filename}: {name}"
+
+
+@pytest.mark.parametrize("filename", sorted(PIPELINES))
+def test_tasks_with_dataloader_workers_mount_a_memory_backed_dev_shm(filename: str) -> None:
+    spec, platform = _docs(filename)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in spec["deploymentSpec"]["executors"]:
+        if name.startswith(("exec-train", "exec-evaluate")):
+            (shm,) = executors[name]["emptyDirMounts"]
+            limit = spec["deploymentSpec"]["executors"][name]["container"]["resources"]["memoryLimit"]
+            assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory", name
+            assert shm["sizeLimit"].endswith("G") and float(shm["sizeLimit"][:-1]) * 2 == limit, name  # memoryLimit is in GB

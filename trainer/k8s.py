@@ -37,7 +37,7 @@ TRAINJOB_API = ("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
 PYTORCHJOB_API = ("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
 
 # The torch ClusterTrainingRuntime's replicated job and container are both named "node".
-TRAINJOB_NODE = "node"
+TRAINJOB_NODE = TRAINJOB_CONTAINER = "node"
 # The Training Operator finds its container by this name (it injects the torchrun env into it).
 PYTORCHJOB_CONTAINER = "pytorch"
 PATCH_MANAGER = "imlt"
@@ -148,6 +148,28 @@ def oss_env(secret: str | None) -> list[dict[str, Any]]:
     ]
 
 
+SHM_VOLUME = "dshm"
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+
+
+def shm_size_limit(memory_limit: str | None) -> str:
+    """Size of a pod's memory-backed /dev/shm: half its memory limit (it counts against it), 4Gi if unknown.
+
+    Kubernetes' default 64 MiB there is too small for DataLoader workers handing over batches.
+    """
+    m = _QUANTITY.match(str(memory_limit or ""))
+    if not m:
+        return "4Gi"
+    half = float(m.group(1)) / 2
+    return f"{half:g}{m.group(2) or ''}"
+
+
+def shm_volume(memory_limit: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """(pod volume, container mount) of a memory-backed /dev/shm."""
+    volume = {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size_limit(memory_limit)}}
+    return volume, {"name": SHM_VOLUME, "mountPath": "/dev/shm"}
+
+
 def active_deadline_seconds(cfg: RunConfig, grace_seconds: int = DEADLINE_GRACE_SECONDS) -> int:
     return int(math.ceil(cfg.train.max_hours * 3600)) + grace_seconds
 
@@ -232,26 +254,27 @@ def render_trainjob(
     }
     gpu_type = accelerator(cfg.compute)
     selector = _node_selector(gpu_label, gpu_type, node_selector)
-    if selector or gpus:
-        pod_spec: dict[str, Any] = {}
-        if selector:
-            pod_spec["nodeSelector"] = selector
-        if gpus:
-            pod_spec["tolerations"] = _gpu_tolerations()
-        spec["runtimePatches"] = [
-            {
-                "manager": PATCH_MANAGER,
-                "trainingRuntimeSpec": {
-                    "template": {
-                        "spec": {
-                            "replicatedJobs": [
-                                {"name": TRAINJOB_NODE, "template": {"spec": {"template": {"spec": pod_spec}}}}
-                            ]
-                        }
+    # every node's DataLoader workers need more than Kubernetes' 64 MiB /dev/shm
+    volume, mount = shm_volume(res.get("limits", {}).get("memory") if res else None)
+    pod_spec: dict[str, Any] = {"volumes": [volume], "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": [mount]}]}
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    if gpus:
+        pod_spec["tolerations"] = _gpu_tolerations()
+    spec["runtimePatches"] = [
+        {
+            "manager": PATCH_MANAGER,
+            "trainingRuntimeSpec": {
+                "template": {
+                    "spec": {
+                        "replicatedJobs": [
+                            {"name": TRAINJOB_NODE, "template": {"spec": {"template": {"spec": pod_spec}}}}
+                        ]
                     }
-                },
-            }
-        ]
+                }
+            },
+        }
+    ]
     name = name or job_name(cfg, prefix=name_prefix, image=image, command=command)
     return _stamp({"apiVersion": f"{group}/{version}", "kind": kind, "metadata": _metadata(name, namespace, cfg), "spec": spec})
 
@@ -350,7 +373,9 @@ def render_pytorchjob(
         container["env"] = env
     if res:
         container["resources"] = res
-    pod_spec: dict[str, Any] = {"containers": [container]}
+    volume, mount = shm_volume(res.get("limits", {}).get("memory") if res else None)
+    container["volumeMounts"] = [mount]
+    pod_spec: dict[str, Any] = {"containers": [container], "volumes": [volume]}
     selector = _node_selector(gpu_label, accelerator(cfg.compute), node_selector)
     if selector:
         pod_spec["nodeSelector"] = selector
