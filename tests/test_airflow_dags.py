@@ -177,6 +177,25 @@ def test_hook_without_connection_and_with_unsupported_auth(airflow_env: dict[str
     assert "bad: connection 'bad': auth_type 'STS' is not supported" in proc.stdout
 
 
+NO_CONNECTION = """
+from airflow.sdk.exceptions import AirflowFailException
+from imlt.components.airflow.hooks.oss import ImltOssHook
+ImltOssHook.use_connection("oss_default", ["/local/only"])  # nothing on OSS: no credentials needed
+try:
+    ImltOssHook.use_connection("oss_default", [None, "oss://bkt/data/train.txt"])
+except AirflowFailException as e:
+    print("refused:", e)
+"""
+
+
+def test_a_task_touching_oss_without_the_connection_fails_naming_it(airflow_env: dict[str, str]) -> None:
+    env = {k: v for k, v in airflow_env.items() if not k.startswith("OSS_")}
+    proc = run_python(NO_CONNECTION, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: oss://bkt/data/train.txt needs OSS credentials: Airflow connection 'oss_default' is not defined" \
+        in proc.stdout, proc.stdout
+
+
 # --- whole DAG runs -------------------------------------------------------------------------------
 
 

@@ -276,12 +276,6 @@ def config_parameters(exclude: Iterable[str] = ()) -> list[Parameter]:
     return model_parameters(RunConfig, ("output_dir", *READ_SIDE_FIELDS, *exclude))
 
 
-def overrides_from(params: list[Parameter], values: dict[str, Any], unset: tuple[Any, ...] = (None,)) -> dict[str, Any]:
-    """{field path: value} for the parameters given a value; values in `unset` leave the default."""
-    out = {}
-    for p in params:
-        value = values.get(p.name)
-        if value is None or any(value is u or (value == u and type(value) is type(u)) for u in unset):
-            continue
-        out[p.path] = value
-    return out
+def overrides_from(params: list[Parameter], values: dict[str, Any]) -> dict[str, Any]:
+    """{field path: value} for the parameters given a value (None: not given, the default applies)."""
+    return {p.path: values[p.name] for p in params if values.get(p.name) is not None}
