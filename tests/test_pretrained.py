@@ -129,6 +129,13 @@ def test_tag_default_and_hub_repo_load_from_the_hub_cache(spec: str, cached: byt
         assert source.tag == TAG
 
 
+def test_a_hub_repo_without_config_and_a_pinned_revision(hub: HubCache, seeded: dict[str, torch.Tensor]) -> None:
+    hub.put("org/plain", {"model.safetensors": save(seeded)})  # no config.json: nothing to check but the load
+    model = _build(f"hf-hub:org/plain@{REV}")
+    _assert_loaded(model, seeded)
+    assert (model.pretrained.source.repo, model.pretrained.source.revision) == ("org/plain", REV)
+
+
 def test_local_and_oss_files(tmp_path: Path, oss_server, seeded: dict[str, torch.Tensor]) -> None:
     data = save(seeded)
     local = tmp_path / "w.safetensors"
