@@ -178,7 +178,7 @@ def test_neither_cached_nor_reachable_names_tag_cache_and_the_two_ways_out(hub: 
                            "train": {"batch_size": 2, "epochs": 1, "device": "cpu"}})
     with pytest.raises(WeightsUnavailableError):
         run_training(TrainInput(config=cfg, train_dataset=dataset))
-    assert not (tmp_path / "run").exists()
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]  # (a released lease may leave the folder)
 
 
 @pytest.mark.parametrize("spec,match", [
