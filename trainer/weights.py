@@ -158,14 +158,16 @@ def resolve_once_per_node(spec: str, backbone: str) -> ResolvedWeights:
 
 def _resolve_hf_repo(spec: str, backbone: str, local_files_only: bool) -> ResolvedWeights:
     repo, _, revision = spec[len(HF_PREFIX):].partition("@")
-    arch = None
+    arch, unreachable = None, False
     try:  # timm's hub repos describe their architecture in config.json; a repo may lack it
         cfg_path, _ = _hub_download(spec, spec, repo, revision or None, ("config.json",), local_files_only)
         arch = json.loads(Path(cfg_path).read_text()).get("architecture")
-    except (_RepoLacksFile, WeightsUnavailableError, json.JSONDecodeError, OSError):
+    except WeightsUnavailableError:
+        unreachable = True  # (or offline): the weights can only be in the cache
+    except (_RepoLacksFile, json.JSONDecodeError, OSError):
         pass  # unknown: the strict load below still refuses weights that do not fit
     _check_architecture(spec, arch, backbone)
-    path, filename = _hub_download(spec, spec, repo, revision or None, HUB_FILES, local_files_only)
+    path, filename = _hub_download(spec, spec, repo, revision or None, HUB_FILES, local_files_only, unreachable)
     source = WeightsSource(spec=spec, kind="hf-hub", architecture=arch, repo=repo, filename=filename)
     return _read_hub_file(path, source)
 
@@ -187,8 +189,11 @@ def _check_architecture(spec: str, arch: str | None, backbone: str) -> None:
 
 
 def _hub_download(spec: str, name: str, repo: str, revision: str | None, files: tuple[str, ...],
-                  local_files_only: bool) -> tuple[Path, str]:
-    """The first of `files` the repo holds, through huggingface_hub's cache, mirror and offline mode."""
+                  local_files_only: bool, unreachable: bool = False) -> tuple[Path, str]:
+    """The first of `files` the repo holds, through huggingface_hub's cache, mirror and offline mode.
+
+    unreachable: an earlier request found the Hub unreachable; look only in the cache.
+    """
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -198,10 +203,12 @@ def _hub_download(spec: str, name: str, repo: str, revision: str | None, files: 
         RevisionNotFoundError,
     )
 
-    not_cached = None
+    not_cached: Exception | None = None
     for filename in files:
         try:
-            path = hf_hub_download(repo, filename, revision=revision, local_files_only=local_files_only)
+            # once the Hub proved unreachable, look only in the cache (no second round of retries)
+            cache_only = local_files_only or unreachable or not_cached is not None
+            path = hf_hub_download(repo, filename, revision=revision, local_files_only=cache_only)
             return Path(path), filename
         except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is one
             not_cached = e
