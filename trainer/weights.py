@@ -56,6 +56,10 @@ class WeightsUnavailableError(PretrainedError):
     """Weights neither in the local Hugging Face cache nor downloadable from here."""
 
 
+class _RepoLacksFile(PretrainedError):
+    """The hub repo exists but holds none of the files asked for."""
+
+
 class WeightsSource(BaseModel):
     """Provenance of starting weights: enough to fetch the same bytes again and to check them."""
 
@@ -153,17 +157,17 @@ def resolve_once_per_node(spec: str, backbone: str) -> ResolvedWeights:
 
 
 def _resolve_hf_repo(spec: str, backbone: str, local_files_only: bool) -> ResolvedWeights:
-    from huggingface_hub.errors import EntryNotFoundError
-
     repo, _, revision = spec[len(HF_PREFIX):].partition("@")
-    arch = None
+    arch, unreachable = None, False
     try:  # timm's hub repos describe their architecture in config.json; a repo may lack it
         cfg_path, _ = _hub_download(spec, spec, repo, revision or None, ("config.json",), local_files_only)
         arch = json.loads(Path(cfg_path).read_text()).get("architecture")
-    except (EntryNotFoundError, WeightsUnavailableError, json.JSONDecodeError, OSError):
+    except WeightsUnavailableError:
+        unreachable = True  # (or offline): the weights can only be in the cache
+    except (_RepoLacksFile, json.JSONDecodeError, OSError):
         pass  # unknown: the strict load below still refuses weights that do not fit
     _check_architecture(spec, arch, backbone)
-    path, filename = _hub_download(spec, spec, repo, revision or None, HUB_FILES, local_files_only)
+    path, filename = _hub_download(spec, spec, repo, revision or None, HUB_FILES, local_files_only, unreachable)
     source = WeightsSource(spec=spec, kind="hf-hub", architecture=arch, repo=repo, filename=filename)
     return _read_hub_file(path, source)
 
@@ -185,8 +189,11 @@ def _check_architecture(spec: str, arch: str | None, backbone: str) -> None:
 
 
 def _hub_download(spec: str, name: str, repo: str, revision: str | None, files: tuple[str, ...],
-                  local_files_only: bool) -> tuple[Path, str]:
-    """The first of `files` the repo holds, through huggingface_hub's cache, mirror and offline mode."""
+                  local_files_only: bool, unreachable: bool = False) -> tuple[Path, str]:
+    """The first of `files` the repo holds, through huggingface_hub's cache, mirror and offline mode.
+
+    unreachable: an earlier request found the Hub unreachable; look only in the cache.
+    """
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -196,10 +203,12 @@ def _hub_download(spec: str, name: str, repo: str, revision: str | None, files: 
         RevisionNotFoundError,
     )
 
-    not_cached = None
+    not_cached: Exception | None = None
     for filename in files:
         try:
-            path = hf_hub_download(repo, filename, revision=revision, local_files_only=local_files_only)
+            # once the Hub proved unreachable, look only in the cache (no second round of retries)
+            cache_only = local_files_only or unreachable or not_cached is not None
+            path = hf_hub_download(repo, filename, revision=revision, local_files_only=cache_only)
             return Path(path), filename
         except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is one
             not_cached = e
@@ -209,13 +218,14 @@ def _hub_download(spec: str, name: str, repo: str, revision: str | None, files: 
             raise PretrainedError(f"model.pretrained={spec!r}: {repo}{'@' + revision if revision else ''}: "
                                   f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
     if not_cached is not None:
-        raise WeightsUnavailableError(unavailable_message(spec, name, repo, constants.HF_HUB_CACHE,
-                                                          offline=constants.HF_HUB_OFFLINE or local_files_only))
-    raise PretrainedError(f"model.pretrained={spec!r}: hub repo {repo} holds no weights file ({' or '.join(files)})")
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+               "this process reads only the cache (the node's first process could not fetch them)" if local_files_only else
+               "the Hugging Face Hub is not reachable from here")
+        raise WeightsUnavailableError(unavailable_message(spec, name, repo, constants.HF_HUB_CACHE, why))
+    raise _RepoLacksFile(f"model.pretrained={spec!r}: hub repo {repo} holds no {' or '.join(files)}")
 
 
-def unavailable_message(spec: str, name: str, repo: str, cache: str, *, offline: bool) -> str:
-    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is not reachable from here"
+def unavailable_message(spec: str, name: str, repo: str, cache: str, why: str) -> str:
     store_name = name.removeprefix(HF_PREFIX).replace("/", "--")
     return (
         f"pretrained weights {spec!r} ({repo}) are not in the Hugging Face cache {cache} and {why}. "
