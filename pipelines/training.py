@@ -34,8 +34,9 @@ TRAINING_INPUTS = config_parameters()
 
 
 def _inputs(instance_type: Optional[str], on_kubernetes: bool) -> list[Io]:
-    presets = {"instance_type": instance_type or "", "compute_mode": "distributed" if on_kubernetes else "standalone",
-               "nnodes": 2 if on_kubernetes else 1}
+    # starting from ImageNet weights, as the reference product does (the CLI and library default stays None)
+    presets = {"pretrained": "default", "instance_type": instance_type or "",
+               "compute_mode": "distributed" if on_kubernetes else "standalone", "nnodes": 2 if on_kubernetes else 1}
     annotations = {f: p for f, p in DataConfig.model_fields.items() if f.endswith("_annotations")}
     return [
         Io("train_annotations", "str", annotations["train_annotations"].description.split(";")[0] + "."),

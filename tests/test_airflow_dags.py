@@ -234,6 +234,7 @@ def conf_for(tmp_path: Path, *, val_signal: bool = True, **extra: object) -> dic
         "lr": 0.01,
         "reader_threads": 0,
         "device": "cpu",
+        "pretrained": None,  # the DAG's default (ImageNet weights) needs the Hub; tests never touch the network
         **extra,
     }
 

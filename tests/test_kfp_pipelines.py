@@ -51,7 +51,8 @@ def test_training_pipeline_defaults_match_the_train_component(filename: str) -> 
     """A pipeline input passed straight to train must not show a different default in the UI."""
     params = _docs(filename)[0]["root"]["inputDefinitions"]["parameters"]
     train_inputs = kfp_components.train.component_spec.inputs
-    shared = set(params) & set(train_inputs) - {"instance_type"}  # the GPU variant presets its node type
+    # the GPU variant presets its node type; pipelines start from ImageNet weights (`default`), like the reference
+    shared = set(params) & set(train_inputs) - {"instance_type", "pretrained"}
     assert len(shared) > 20
     for name in shared:
         # pipelines default unset strings to "" (kfp.local cannot run None-default pipeline inputs)
@@ -129,7 +130,8 @@ def _outputs(run: Path, task: str) -> dict[str, Any]:
 
 # margin and scale default to None (the loss's own); kfp.local needs a value for such inputs
 TINY = dict(backbone="resnet18", image_size=32, feature_dim=16, epochs=1, batch_size=8, reader_threads=0,
-            lr=0.01, max_hours=1.0, margin=0.4, scale=30.0)
+            lr=0.01, max_hours=1.0, margin=0.4, scale=30.0,
+            pretrained="")  # the pipelines default to ImageNet weights; tests never touch the network
 
 
 @pytest.mark.slow
