@@ -61,7 +61,7 @@ from imlt.trainer.compute import distributed_session, resolve_compute, unwrap, u
 from imlt.trainer.config import ConfigError, ModelType, RunConfig, config_diff
 from imlt.trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes, read_manifest
 from imlt.trainer.data.stream import build_stream, seed_everything
-from imlt.trainer.device import resolve_device
+from imlt.trainer.device import check_fp16, resolve_device
 from imlt.trainer.history import EpochMeter, EpochStats, plot_training_curve, write_history
 from imlt.trainer.losses import LossOutput, build_loss
 from imlt.trainer.model_files import CONFIG, CURVE, USAGE
@@ -72,6 +72,8 @@ from imlt.trainer.steps import TrainInput, TrainOutput
 log = logging.getLogger(__name__)
 
 MAX_SECONDS_ENV = "IMLT_MAX_SECONDS"
+# Config fields that say where a run's files go, not how it trains: resume allows them to change.
+WHERE_FIELDS = ("output_dir:", "train.checkpoint_dir:", "train.keep_checkpoints:")
 # Checkpoint keys that differ per rank in a model-parallel run (the class shard and its optimiser state).
 SHARDED_KEYS = ("loss", "optimizer")
 
@@ -167,7 +169,7 @@ class Trainer:
         self.train_dataset = train_dataset
         self.resume = resume
         self.output_dir = self.cfg.output_dir
-        self.checkpoint_dir = storage.join(self.output_dir, ckpt.CHECKPOINT_DIR)
+        self.checkpoint_dir = ckpt.checkpoint_dir(self.cfg)
         self.clock = clock or time.monotonic
         env_limit = os.environ.get(MAX_SECONDS_ENV)
         if max_seconds is None and env_limit:
@@ -191,6 +193,8 @@ class Trainer:
             )
         self.model_parallel = self.cfg.compute.model_type == ModelType.MODEL_PARALLEL
         self.device = local_device(self.env, resolve_device(self.cfg.train.device))
+        if self.cfg.train.fp16:
+            check_fp16(self.device)  # here, on the device that trains: a config parses the same on every host
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False  # autotuning picks kernels per run: not reproducible
             torch.backends.cudnn.deterministic = True
@@ -246,6 +250,7 @@ class Trainer:
             len(self.loader.dataset), len(self.classes),  # type: ignore[arg-type]
             self.steps_per_epoch, self.epoch + 1, epochs, epochs,
         )
+        self._log("checkpoints in %s (the last %d epochs and the best)", self.checkpoint_dir, self.cfg.train.keep_checkpoints)
         with self._sigterm_flag():
             while self.epoch < epochs and not self.stop_reason:
                 if not self.train_epoch(self.epoch):
@@ -399,7 +404,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> str:
-        """Write the full training state; mid-epoch checkpoints older than this one are removed.
+        """Write the full training state; checkpoints past keeping (trainer.checkpoint) are removed.
 
         Every rank calls this. Data-parallel: rank 0 writes one file. Model-parallel: a sharded
         folder, every rank writing its class shard. All ranks leave together, after the write,
@@ -414,10 +419,10 @@ class Trainer:
         elif self.env.is_main:
             ckpt.save_checkpoint(url, self.state_dict())
         if self.env.is_main:
-            here = (self.epoch, self.batch)
-            for key, old in ckpt.list_checkpoints(self.checkpoint_dir):
-                if key[1] > 0 and key < here:
-                    ckpt.delete_checkpoint(old)
+            found = ckpt.list_checkpoints(self.checkpoint_dir)
+            losses = {h.epoch: h.loss for h in self.history}
+            for old in ckpt.stale_checkpoints(found, (self.epoch, self.batch), self.cfg.train.keep_checkpoints, losses):
+                ckpt.delete_checkpoint(old)
             log.info("checkpoint %s (global step %d)", url, self.global_step)
         barrier()
         return url
@@ -429,8 +434,8 @@ class Trainer:
         number of workers that wrote it, and that message says exactly what to do.
         """
         state = ckpt.load_sharded(url, self.env) if ckpt.is_sharded(url) else ckpt.load_checkpoint(url)
-        # output_dir is left out so a run folder can be moved (e.g. downloaded from OSS) and resumed.
-        changed = [c for c in config_diff(state["config"], self.cfg.model_dump(mode="json")) if not c.startswith("output_dir:")]
+        # Locations and retention are left out: a run folder can be moved (e.g. downloaded from OSS) and resumed.
+        changed = [c for c in config_diff(state["config"], self.cfg.model_dump(mode="json")) if not c.startswith(WHERE_FIELDS)]
         if changed:
             raise ResumeConfigError(
                 f"cannot resume from {url}: it was written with config {state['config_hash']}, this run's is "
