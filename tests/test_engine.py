@@ -7,6 +7,7 @@ SIGTERM, time limit) must resume to bit-identical final weights.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,7 +26,8 @@ from tests.colour_data import write_colour_dataset
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import engine
 from imlt.trainer.config import ConfigError, Scheduler, validate_config
-from imlt.trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, run_training
+from imlt.trainer.checkpoint import ResumeConfigError
+from imlt.trainer.engine import NonFiniteLossError, Trainer, TrainingInterrupted, run_training
 from imlt.trainer.history import EpochStats
 from imlt.trainer.model_files import CLASSES, CONFIG, CURVE, HISTORY, TRAINED, USAGE, WEIGHTS
 from imlt.trainer.optim import lr_factor
@@ -415,3 +417,13 @@ def test_unreadable_checkpoint_names_the_file(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="epoch-0001.ckpt: not a readable checkpoint"):
         ckpt.load_checkpoint(str(bad))
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path, dataset: str, caplog: pytest.LogCaptureFixture) -> None:
+    """KFP and Airflow logs are not terminals: a line every train.log_every_steps steps with step, loss, images/s, ETA."""
+    with caplog.at_level(logging.INFO, logger="imlt.trainer.history"):
+        train(tmp_path, dataset, train={"epochs": 1, "log_every_steps": 2})
+    lines = [r.getMessage() for r in caplog.records if r.name == "imlt.trainer.history"]
+    assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"], lines
+    assert all("images/s" in line and "ETA" in line and "loss" in line for line in lines)
+    assert lines[-1].endswith("ETA 0:00:00")

@@ -33,10 +33,10 @@ from tests.colour_data import write_colour_dataset
 from tests.engine_dist_worker import hooks
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import engine, launch
-from imlt.trainer.checkpoint import ShardedCheckpointError, shard_file
+from imlt.trainer.checkpoint import ResumeConfigError, ShardedCheckpointError, shard_file
 from imlt.trainer.compute import resolve_compute
 from imlt.trainer.config import ConfigError, validate_config
-from imlt.trainer.engine import ResumeConfigError, run_training
+from imlt.trainer.engine import run_training
 from imlt.trainer.model_files import CONFIG, HISTORY, USAGE, WEIGHTS
 from imlt.trainer.steps import TrainInput
 

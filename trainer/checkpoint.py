@@ -35,13 +35,36 @@ import torch
 
 from imlt.trainer import storage
 from imlt.trainer.collectives import barrier
-from imlt.trainer.config import ConfigError, RunConfig
+from imlt.trainer.config import ConfigError, RunConfig, config_diff
 from imlt.trainer.process_group import DistEnv
 
 CHECKPOINTS_SUFFIX = "-checkpoints"
 SHARD_META = "sharded.json"
 REPLICATED_FILE = "replicated.pt"
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-batch-(\d{6,}))?\.ckpt$")
+
+
+# Config fields that say where a run's files go, not how it trains: resume allows them to change.
+WHERE_FIELDS = ("output_dir:", "train.checkpoint_dir:", "train.keep_checkpoints:", "train.log_every_steps:")
+
+
+class ResumeConfigError(ConfigError):
+    """The checkpoint found belongs to a run with different parameters."""
+
+
+def check_resumable(state: dict[str, Any], cfg: RunConfig, url: str) -> None:
+    """Refuse a checkpoint written under another config, naming every changed field.
+
+    Locations and logging are left out: a run folder can be moved (e.g. downloaded from OSS) and resumed.
+    """
+    changed = [c for c in config_diff(state["config"], cfg.model_dump(mode="json")) if not c.startswith(WHERE_FIELDS)]
+    if changed:
+        raise ResumeConfigError(
+            f"cannot resume from {url}: it was written with config {state['config_hash']}, this run's is "
+            f"{cfg.config_hash()}. A run's parameters cannot change; changed fields:\n  "
+            + "\n  ".join(changed)
+            + "\nUse a new output_dir, or resume=false to start over in this one."
+        )
 
 
 def checkpoint_dir(cfg: RunConfig) -> str:

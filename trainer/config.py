@@ -220,6 +220,9 @@ class TrainConfig(_Section):
         "sibling `<output_dir>-checkpoints`, so the model folder holds only the model",
     )
     keep_checkpoints: int = Field(1, gt=0, description="Epoch checkpoints kept: the last N, plus the best epoch's")
+    log_every_steps: int = Field(
+        50, gt=0, description="When stderr is not a terminal (KFP, Airflow logs): a progress line every N steps or 30 s"
+    )
     fp16: bool = Field(False, description="Mixed precision with loss scaling (CUDA only; checked by the training process on its device)")
     seed: int = 0
     max_hours: float = Field(24.0, gt=0, le=24, description="Time limit; on reaching it: checkpoint, then stop")

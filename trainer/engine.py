@@ -38,16 +38,13 @@ Several processes (trainer.compute says how they are started and wrapped):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
@@ -57,12 +54,12 @@ from torch import nn
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import storage
 from imlt.trainer.collectives import barrier, max_across_ranks, mean_across_ranks
-from imlt.trainer.compute import distributed_session, resolve_compute, unwrap, usage_record, wrap_objective
-from imlt.trainer.config import ConfigError, ModelType, RunConfig, config_diff
-from imlt.trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes, read_manifest
+from imlt.trainer.compute import distributed_session, resolve_compute, sigterm_flag, unwrap, usage_record, wrap_objective
+from imlt.trainer.config import ConfigError, ModelType, RunConfig
+from imlt.trainer.data.manifest import MANIFEST, check_labels, read_classes, read_manifest, with_dataset_classes
 from imlt.trainer.data.stream import build_stream, seed_everything
 from imlt.trainer.device import check_fp16, resolve_device
-from imlt.trainer.history import EpochMeter, EpochStats, plot_training_curve, write_history
+from imlt.trainer.history import EpochMeter, EpochStats, ProgressLog, plot_training_curve, write_history
 from imlt.trainer.losses import LossOutput, build_loss
 from imlt.trainer.model_files import CONFIG, CURVE, USAGE
 from imlt.trainer.optim import build_optimizer, build_scheduler
@@ -72,8 +69,6 @@ from imlt.trainer.steps import TrainInput, TrainOutput
 log = logging.getLogger(__name__)
 
 MAX_SECONDS_ENV = "IMLT_MAX_SECONDS"
-# Config fields that say where a run's files go, not how it trains: resume allows them to change.
-WHERE_FIELDS = ("output_dir:", "train.checkpoint_dir:", "train.keep_checkpoints:")
 # Checkpoint keys that differ per rank in a model-parallel run (the class shard and its optimiser state).
 SHARDED_KEYS = ("loss", "optimizer")
 
@@ -96,10 +91,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, checkpoint: str = "") -> None:  # default: exceptions must unpickle from args
         super().__init__(message)
         self.checkpoint = checkpoint
-
-
-class ResumeConfigError(ConfigError):
-    """The checkpoint in output_dir belongs to a run with different parameters."""
 
 
 def run_training(
@@ -125,26 +116,6 @@ def run_training(
         return trainer.fit()
 
 
-def resolve_config(cfg: RunConfig, classes: list[str], dataset_dir: str) -> RunConfig:
-    """Fill model.num_classes from the dataset's class list; refuse a conflicting explicit value."""
-    n = len(classes)
-    if cfg.model.num_classes is not None and cfg.model.num_classes != n:
-        raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes} but the train dataset's "
-            f"{storage.join(dataset_dir, CLASSES)} lists {n} classes; omit model.num_classes or set it to {n}"
-        )
-    if cfg.model.num_classes == n:
-        return cfg
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_classes": n})})
-
-
-def _check_labels(records: list[ManifestRecord], num_classes: int, dataset_dir: str) -> None:
-    for r in records:
-        problem = r.label_problem(num_classes)
-        if problem:
-            raise ValueError(f"{storage.join(dataset_dir, MANIFEST)}: record from {r.source}: {problem}")
-
-
 class Trainer:
     """One training run over one output folder; `fit()` trains (or resumes) and writes the model."""
 
@@ -165,7 +136,7 @@ class Trainer:
         if not storage.exists(storage.join(train_dataset, MANIFEST)):
             raise FileNotFoundError(f"train dataset {train_dataset}: no {MANIFEST} (is it a read_data output folder?)")
         self.classes = read_classes(train_dataset)
-        self.cfg = resolve_config(cfg, self.classes, train_dataset)
+        self.cfg = with_dataset_classes(cfg, self.classes, train_dataset)
         self.train_dataset = train_dataset
         self.resume = resume
         self.output_dir = self.cfg.output_dir
@@ -201,7 +172,7 @@ class Trainer:
 
         seed_everything(self.cfg.train.seed)
         records = read_manifest(train_dataset)
-        _check_labels(records, len(self.classes), train_dataset)
+        check_labels(records, len(self.classes), train_dataset)
         model = build_model(self.cfg.model, self.cfg.data.image_size)
         if self.world_size > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
@@ -251,7 +222,7 @@ class Trainer:
             self.steps_per_epoch, self.epoch + 1, epochs, epochs,
         )
         self._log("checkpoints in %s (the last %d epochs and the best)", self.checkpoint_dir, self.cfg.train.keep_checkpoints)
-        with self._sigterm_flag():
+        with sigterm_flag(self._on_sigterm):
             while self.epoch < epochs and not self.stop_reason:
                 if not self.train_epoch(self.epoch):
                     self.save_checkpoint()  # stopped mid-epoch: keep the position
@@ -285,6 +256,8 @@ class Trainer:
         with tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
                   unit="batch", disable=not show, leave=False) as bar:
             tick = time.perf_counter()
+            progress = None if show or not self.env.is_main else ProgressLog(
+                self.cfg.train.epochs * self.steps_per_epoch, self.cfg.train.log_every_steps)
             for images, labels in self.loader:
                 out = self.training_step(images, labels, epoch, self.batch)
                 now = time.perf_counter()
@@ -295,6 +268,8 @@ class Trainer:
                 self.batch += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.meter.images_per_second:.0f}")
+                if progress is not None:
+                    progress.step(self.global_step, loss, self.meter)
                 if self._stop_requested() and self.batch < self.steps_per_epoch:
                     return False
         return True
@@ -341,6 +316,9 @@ class Trainer:
             if p.grad is not None:
                 p.grad.mul_(self.world_size)
 
+    def _on_sigterm(self) -> None:
+        self._term_requested = True  # only a flag: the loop checks it at the next step boundary
+
     def _log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
         if self.env.is_main:
             log.log(level, msg, *args)
@@ -362,22 +340,6 @@ class Trainer:
             self._log("time limit of %.0f s reached: checkpointing and stopping", self.max_seconds, level=logging.WARNING)
         self.stop_reason = max(self.stop_reason, code)
         return bool(self.stop_reason)
-
-    @contextlib.contextmanager
-    def _sigterm_flag(self) -> Iterator[None]:
-        """While training, SIGTERM only sets a flag that the loop checks at step boundaries."""
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be installed from the main thread
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            self._term_requested = True
-
-        previous = signal.signal(signal.SIGTERM, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -434,15 +396,7 @@ class Trainer:
         number of workers that wrote it, and that message says exactly what to do.
         """
         state = ckpt.load_sharded(url, self.env) if ckpt.is_sharded(url) else ckpt.load_checkpoint(url)
-        # Locations and retention are left out: a run folder can be moved (e.g. downloaded from OSS) and resumed.
-        changed = [c for c in config_diff(state["config"], self.cfg.model_dump(mode="json")) if not c.startswith(WHERE_FIELDS)]
-        if changed:
-            raise ResumeConfigError(
-                f"cannot resume from {url}: it was written with config {state['config_hash']}, this run's is "
-                f"{self.cfg.config_hash()}. A run's parameters cannot change; changed fields:\n  "
-                + "\n  ".join(changed)
-                + "\nUse a new output_dir, or resume=false to start over in this one."
-            )
+        ckpt.check_resumable(state, self.cfg, url)
         if state["config"].get("output_dir") != self.cfg.output_dir:
             self._log("resuming a run folder moved from %s", state["config"].get("output_dir"))
         unwrap(self.model).load_state_dict(state["model"], strict=True)
