@@ -65,7 +65,7 @@ def raw_config(output_dir: Path, **sections: dict) -> dict:
         "data": {"image_size": 16, "reader_threads": 0},
         "model": {"backbone": "resnet18", "feature_dim": 32},
         "optim": {"lr": 0.05, "warmup_epochs": 1},
-        "train": {"batch_size": 8, "epochs": 2, "checkpoint_every": 1, "device": "cpu", "seed": 7},
+        "train": {"batch_size": 8, "epochs": 2, "checkpoint_every": 1, "device": "cpu", "seed": 7, "threads": 1},
     }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}

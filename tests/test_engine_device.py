@@ -141,3 +141,23 @@ def test_training_at_the_component_defaults_under_a_64_mib_dev_shm(tmp_path: Pat
     warnings = [line for line in ran.stderr.splitlines() if "/dev/shm" in line]
     assert len(warnings) == 1 and "WARNING" in warnings[0], ran.stderr[-4000:]
     assert f"{d['reader_threads']} DataLoader workers" in warnings[0]
+
+
+def test_threads_follow_the_cpus_this_process_really_has(tmp_path: Path) -> None:
+    from imlt.trainer.device import cgroup_cpu_limit, default_threads, training_threads
+
+    (tmp_path / "kubepods" / "pod1").mkdir(parents=True)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "kubepods" / "cpu.max").write_text("400000 100000\n")
+    (tmp_path / "kubepods" / "pod1" / "cpu.max").write_text("250000 100000\n")  # a pod limited to 2.5 CPUs
+    assert cgroup_cpu_limit(str(tmp_path), "0::/kubepods/pod1\n") == 2.5
+    assert cgroup_cpu_limit(str(tmp_path), "0::/\n") is None  # "max": no limit
+    v1 = tmp_path / "v1" / "cpu" / "pod2"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1"), "4:cpu,cpuacct:/pod2\n") == 1.5
+    # 8 CPUs, 2 processes on the node, 2 loader workers each: 2 threads each; never below 1
+    assert default_threads(2, 2, cpus=8) == 2 and default_threads(4, 1, cpus=2.5) == 1
+    assert training_threads(3, 4) == 3  # the setting wins
+    assert training_threads(None, 0, {"LOCAL_WORLD_SIZE": "2"}) == default_threads(0, 2)

@@ -76,7 +76,7 @@ def raw_config(output_dir: Path, model_parallel: bool = False) -> dict:
         "data": {"image_size": 16, "reader_threads": 0},
         "model": {"backbone": "test_resnet", "feature_dim": FEATURE_DIM},  # timm's 0.37M-parameter ResNet
         "optim": {"lr": 0.02, "warmup_epochs": 1},
-        "train": {"batch_size": 8, "epochs": EPOCHS, "checkpoint_every": 1, "device": "cpu", "seed": 3},
+        "train": {"batch_size": 8, "epochs": EPOCHS, "checkpoint_every": 1, "device": "cpu", "seed": 3, "threads": 1},
     }
     if model_parallel:
         raw["loss"] = {"name": "ModelParallelAMSoftmax"}

@@ -45,7 +45,7 @@ _NAME = re.compile(r"^epoch-(\d{4,})(?:-batch-(\d{6,}))?\.ckpt$")
 
 
 # Config fields that say where a run's files go, not how it trains: resume allows them to change.
-WHERE_FIELDS = ("output_dir:", "train.checkpoint_dir:", "train.keep_checkpoints:", "train.log_every_steps:")
+WHERE_FIELDS = ("output_dir:", "train.checkpoint_dir:", "train.keep_checkpoints:", "train.log_every_steps:", "train.threads:")
 
 
 class ResumeConfigError(ConfigError):

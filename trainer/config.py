@@ -220,6 +220,10 @@ class TrainConfig(_Section):
         "sibling `<output_dir>-checkpoints`, so the model folder holds only the model",
     )
     keep_checkpoints: int = Field(1, gt=0, description="Epoch checkpoints kept: the last N, plus the best epoch's")
+    threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads per process; default: the CPUs this process may use "
+        "(cgroup CPU limit, affinity) shared by the node's processes, minus data.reader_threads"
+    )
     log_every_steps: int = Field(
         50, gt=0, description="When stderr is not a terminal (KFP, Airflow logs): a progress line every N steps or 30 s"
     )

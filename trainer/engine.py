@@ -58,7 +58,7 @@ from imlt.trainer.compute import distributed_session, resolve_compute, sigterm_f
 from imlt.trainer.config import ConfigError, ModelType, RunConfig
 from imlt.trainer.data.manifest import MANIFEST, check_labels, read_classes, read_manifest, with_dataset_classes
 from imlt.trainer.data.stream import build_stream, seed_everything
-from imlt.trainer.device import check_fp16, resolve_device
+from imlt.trainer.device import check_fp16, resolve_device, torch_threads, training_threads
 from imlt.trainer.history import EpochMeter, EpochStats, ProgressLog, plot_training_curve, write_history
 from imlt.trainer.losses import LossOutput, build_loss
 from imlt.trainer.model_files import CONFIG, CURVE, USAGE
@@ -111,7 +111,8 @@ def run_training(
             f"{hint} and pass its dataset_dir"
         )
     cfg = resolve_compute(inp.config)
-    with distributed_session(cfg) as env:
+    threads = training_threads(cfg.train.threads, cfg.data.reader_threads)
+    with distributed_session(cfg) as env, torch_threads(threads):
         trainer = Trainer(cfg, inp.train_dataset, resume=inp.resume, clock=clock, max_seconds=max_seconds, env=env)
         return trainer.fit()
 
@@ -216,8 +217,8 @@ class Trainer:
         if self.env.is_main:
             storage.write_text(storage.join(self.output_dir, CONFIG), json.dumps(self.cfg.dump(), indent=2) + "\n")
         self._log(
-            "training %s on %s x %d (%s): %d images, %d classes, %d batches/epoch, epochs %d..%d of %d",
-            self.cfg.model.backbone, self.device, self.world_size, self.cfg.compute.model_type.value,
+            "training %s on %s x %d (%s, %d threads): %d images, %d classes, %d batches/epoch, epochs %d..%d of %d",
+            self.cfg.model.backbone, self.device, self.world_size, self.cfg.compute.model_type.value, torch.get_num_threads(),
             len(self.loader.dataset), len(self.classes),  # type: ignore[arg-type]
             self.steps_per_epoch, self.epoch + 1, epochs, epochs,
         )
