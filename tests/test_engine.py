@@ -7,6 +7,7 @@ SIGTERM, time limit) must resume to bit-identical final weights.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -25,9 +26,10 @@ from tests.support.images import write_colour_dataset
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import engine
 from imlt.trainer.config import ConfigError, Scheduler, validate_config
-from imlt.trainer.engine import NonFiniteLossError, ResumeConfigError, Trainer, TrainingInterrupted, run_training
+from imlt.trainer.checkpoint import ResumeConfigError
+from imlt.trainer.engine import NonFiniteLossError, Trainer, TrainingInterrupted, run_training
 from imlt.trainer.history import EpochStats
-from imlt.trainer.model_files import CLASSES, CONFIG, CURVE, HISTORY, USAGE, WEIGHTS
+from imlt.trainer.model_files import CLASSES, CONFIG, CURVE, HISTORY, TRAINED, USAGE, WEIGHTS
 from imlt.trainer.optim import lr_factor
 from imlt.trainer.steps import TrainInput
 
@@ -35,6 +37,17 @@ REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue", "grey"]
 PER_CLASS = 12  # 48 images, batch 8 -> 6 steps per epoch
 STEPS_PER_EPOCH = 6
+
+
+def ckpt_dir(output_dir: Path) -> Path:
+    """The run's checkpoint folder: the model folder's sibling by default."""
+    return Path(f"{output_dir}{ckpt.CHECKPOINTS_SUFFIX}")
+
+
+def kept(history: list) -> list[str]:
+    """The epoch checkpoints a run keeps by default: its last epoch's and its best (lowest loss) epoch's."""
+    losses = [h["loss"] for h in history]
+    return sorted({f"epoch-{len(losses):04d}.ckpt", f"epoch-{1 + losses.index(min(losses)):04d}.ckpt"})
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,7 +65,7 @@ def raw_config(output_dir: Path, **sections: dict) -> dict:
         "data": {"image_size": 16, "reader_threads": 0},
         "model": {"backbone": "resnet18", "feature_dim": 32},
         "optim": {"lr": 0.05, "warmup_epochs": 1},
-        "train": {"batch_size": 8, "epochs": 2, "checkpoint_every": 1, "device": "cpu", "seed": 7},
+        "train": {"batch_size": 8, "epochs": 2, "checkpoint_every": 1, "device": "cpu", "seed": 7, "threads": 1},
     }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
@@ -65,7 +78,7 @@ def train(output_dir: Path, dataset: str, resume: bool = True, **sections: dict)
 
 
 def checkpoints(output_dir: Path) -> list[str]:
-    return sorted(p.name for p in (output_dir / "checkpoints").glob("*.ckpt"))
+    return sorted(p.name for p in ckpt_dir(output_dir).glob("*.ckpt"))
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -106,7 +119,7 @@ def test_loss_decreases_and_outputs_are_written(reference) -> None:
     usage = json.loads((out / USAGE).read_text())
     assert usage["instance_minutes"] == result.instance_minutes == math.ceil(usage["wall_seconds"] / 60)
     assert usage["device"] == "cpu" and usage["gpu_count"] == 0
-    assert checkpoints(out) == ["epoch-0001.ckpt", "epoch-0002.ckpt"]
+    assert checkpoints(out) == kept(result.history) == ["epoch-0002.ckpt"]  # the last epoch is also the best
 
     from imlt.trainer.model import load_embedding_model
 
@@ -116,9 +129,45 @@ def test_loss_decreases_and_outputs_are_written(reference) -> None:
     assert emb.shape == (2, 32)
 
 
+def test_model_folder_holds_the_model_only(tmp_path: Path, dataset: str) -> None:
+    """Lean artifact: a 3-epoch run's model folder is the model (at most 1.2x its weights file);
+    the checkpoints sit beside it, the last epoch's plus the best one's."""
+    out = tmp_path / "model"
+    result = train(out, dataset, train={"epochs": 3})
+    assert sorted(p.name for p in out.iterdir()) == sorted(TRAINED)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    assert size <= 1.2 * (out / WEIGHTS).stat().st_size, size
+    losses = [h["loss"] for h in result.history]
+    best = 1 + losses.index(min(losses))
+    assert checkpoints(out) == kept(result.history) == sorted({f"epoch-{best:04d}.ckpt", "epoch-0003.ckpt"})
+    # resume finds them there: a second call is a finished run, nothing trained again
+    again = train(out, dataset, train={"epochs": 3})
+    assert again.history == result.history
+
+
+def test_checkpoint_retention_keeps_the_last_k_and_the_best() -> None:
+    found = [((e, 0), f"epoch-{e}") for e in (1, 2, 3, 4)] + [((2, 5), "mid-2"), ((4, 3), "mid-4")]
+    found.sort()
+    losses = {1: 0.9, 2: 0.3, 3: 0.5, 4: 0.6}
+    assert ckpt.stale_checkpoints(found, (4, 3), 1, losses) == ["mid-2", "epoch-1", "epoch-3"]
+    assert ckpt.stale_checkpoints(found, (4, 3), 2, losses) == ["mid-2", "epoch-1"]
+    assert ckpt.stale_checkpoints(found, (4, 3), 1, {}) == ["mid-2", "epoch-1", "epoch-2", "epoch-3"]
+
+
+def test_checkpoint_folder_setting_and_default() -> None:
+    def where(output_dir: str, **train: object) -> str:
+        return ckpt.checkpoint_dir(validate_config({"output_dir": output_dir, "train": train}))
+
+    assert where("/runs/a/model/") == "/runs/a/model-checkpoints"
+    assert where("oss://bucket/runs/a") == "oss://bucket/runs/a-checkpoints"
+    assert where("oss://bucket/runs/a", checkpoint_dir="oss://other/ckpt/") == "oss://other/ckpt"
+    with pytest.raises(ConfigError, match="train.checkpoint_dir"):
+        where("oss://bucket")
+
+
 def test_checkpoint_holds_the_whole_state(reference) -> None:
     out, result = reference
-    state = ckpt.load_checkpoint(str(out / "checkpoints" / "epoch-0002.ckpt"))
+    state = ckpt.load_checkpoint(str(ckpt_dir(out) / "epoch-0002.ckpt"))
     assert state["epoch"] == 2 and state["batch"] == 0 and state["global_step"] == 2 * STEPS_PER_EPOCH
     assert {"model", "loss", "optimizer", "scheduler", "scaler", "rng", "config", "history"} <= set(state)
     assert state["config_hash"] == result.config_hash
@@ -205,7 +254,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_bit_identical(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
     assert checkpoints(tmp_path) == ["epoch-0001-batch-000003.ckpt", "epoch-0001.ckpt"]
     assert info.value.checkpoint.endswith("epoch-0001-batch-000003.ckpt")
-    assert ckpt.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("epoch-0001-batch-000003.ckpt")
+    assert ckpt.latest_checkpoint(str(ckpt_dir(tmp_path))).endswith("epoch-0001-batch-000003.ckpt")
 
     monkeypatch.setattr(Trainer, "training_step", step)
     result = train(tmp_path, dataset)
@@ -213,7 +262,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_bit_identical(
     assert [h["loss"] for h in result.history] == [h["loss"] for h in reference[1].history]
     assert result.history[1]["images"] == 48  # the split epoch reports the whole epoch
     # the mid-epoch checkpoint is superseded and removed
-    assert checkpoints(tmp_path) == ["epoch-0001.ckpt", "epoch-0002.ckpt"]
+    assert checkpoints(tmp_path) == kept(result.history)
 
 
 def test_time_limit_stops_cleanly_and_resume_finishes(
@@ -269,7 +318,7 @@ def test_resume_with_changed_config_is_refused_naming_the_fields(tmp_path: Path,
 
     # resume=false starts over in the same folder, removing the old run's checkpoints; this run
     # also shows the cadence: every 2nd epoch, plus the last one
-    result = train(tmp_path, dataset, resume=False, optim={"lr": 0.01}, train={"epochs": 3, "checkpoint_every": 2})
+    result = train(tmp_path, dataset, resume=False, optim={"lr": 0.01}, train={"epochs": 3, "checkpoint_every": 2, "keep_checkpoints": 2})
     assert result.epochs_completed == 3 and checkpoints(tmp_path) == ["epoch-0002.ckpt", "epoch-0003.ckpt"]
 
 
@@ -290,7 +339,7 @@ def test_nan_loss_raises_naming_the_step_and_keeps_the_last_checkpoint(
     assert "epoch-0001.ckpt" in str(info.value)
     assert checkpoints(tmp_path) == ["epoch-0001.ckpt"]
     assert not (tmp_path / WEIGHTS).exists()
-    state = ckpt.load_checkpoint(str(tmp_path / "checkpoints" / "epoch-0001.ckpt"))
+    state = ckpt.load_checkpoint(str(ckpt_dir(tmp_path) / "epoch-0001.ckpt"))
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
@@ -368,3 +417,13 @@ def test_unreadable_checkpoint_names_the_file(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="epoch-0001.ckpt: not a readable checkpoint"):
         ckpt.load_checkpoint(str(bad))
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path, dataset: str, caplog: pytest.LogCaptureFixture) -> None:
+    """KFP and Airflow logs are not terminals: a line every train.log_every_steps steps with step, loss, images/s, ETA."""
+    with caplog.at_level(logging.INFO, logger="imlt.trainer.history"):
+        train(tmp_path, dataset, train={"epochs": 1, "log_every_steps": 2})
+    lines = [r.getMessage() for r in caplog.records if r.name == "imlt.trainer.history"]
+    assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"], lines
+    assert all("images/s" in line and "ETA" in line and "loss" in line for line in lines)
+    assert lines[-1].endswith("ETA 0:00:00")

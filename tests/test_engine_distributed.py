@@ -31,11 +31,12 @@ from typer.testing import CliRunner
 
 from tests.support.images import write_colour_dataset
 from tests.engine_dist_worker import hooks
+from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import engine, launch
-from imlt.trainer.checkpoint import ShardedCheckpointError, shard_file
+from imlt.trainer.checkpoint import ResumeConfigError, ShardedCheckpointError, shard_file
 from imlt.trainer.compute import resolve_compute
 from imlt.trainer.config import ConfigError, validate_config
-from imlt.trainer.engine import ResumeConfigError, run_training
+from imlt.trainer.engine import run_training
 from imlt.trainer.model_files import CONFIG, HISTORY, USAGE, WEIGHTS
 from imlt.trainer.steps import TrainInput
 
@@ -48,6 +49,17 @@ STEPS_PER_EPOCH, EPOCHS = 5, 2
 FEATURE_DIM = 16
 STOP_AT = 7  # epoch 2, after its 2nd batch
 TOL = 1e-5
+
+
+def ckpt_dir(output_dir: Path) -> Path:
+    """The run's checkpoint folder: the model folder's sibling by default."""
+    return Path(f"{output_dir}{ckpt.CHECKPOINTS_SUFFIX}")
+
+
+def kept(history: list) -> list[str]:
+    """The epoch checkpoints a run keeps by default: its last epoch's and its best (lowest loss) epoch's."""
+    losses = [h["loss"] for h in history]
+    return sorted({f"epoch-{len(losses):04d}.ckpt", f"epoch-{1 + losses.index(min(losses)):04d}.ckpt"})
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,7 +76,7 @@ def raw_config(output_dir: Path, model_parallel: bool = False) -> dict:
         "data": {"image_size": 16, "reader_threads": 0},
         "model": {"backbone": "test_resnet", "feature_dim": FEATURE_DIM},  # timm's 0.37M-parameter ResNet
         "optim": {"lr": 0.02, "warmup_epochs": 1},
-        "train": {"batch_size": 8, "epochs": EPOCHS, "checkpoint_every": 1, "device": "cpu", "seed": 3},
+        "train": {"batch_size": 8, "epochs": EPOCHS, "checkpoint_every": 1, "device": "cpu", "seed": 3, "threads": 1},
     }
     if model_parallel:
         raw["loss"] = {"name": "ModelParallelAMSoftmax"}
@@ -162,7 +174,7 @@ def test_data_parallel_matches_single_process(launched: dict, dataset: str, tmp_
     assert config["compute"]["nproc_per_node"] == WORLD  # the 1 x 1 config took torchrun's shape
     usage = json.loads((out / USAGE).read_text())
     assert usage["processes"] == WORLD
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001.ckpt", "epoch-0002.ckpt"]
+    assert sorted(p.name for p in ckpt_dir(out).iterdir()) == kept(hist)
     timeless = [{k: v for k, v in r["result"].items() if k not in ("history", "instance_minutes")} for r in (rank0, rank1)]
     assert timeless[0] == timeless[1]  # every rank returns the run's result (timings are each rank's own)
     assert [h["loss"] for h in rank0["result"]["history"]] == [h["loss"] for h in rank1["result"]["history"]]
@@ -186,6 +198,7 @@ def test_time_limit_on_one_rank_stops_both_and_resume_is_exact(launched: dict) -
 def test_data_parallel_resume_on_another_world_size_is_refused(launched: dict, dataset: str, tmp_path: Path) -> None:
     copy = tmp_path / "dp"
     shutil.copytree(launched["root"] / "dp", copy)
+    shutil.copytree(ckpt_dir(launched["root"] / "dp"), ckpt_dir(copy))
     with pytest.raises(ResumeConfigError, match=r"compute.nproc_per_node: 2 -> 1"):
         run_training(TrainInput(config=validate_config(raw_config(copy)), train_dataset=dataset))
 
@@ -206,12 +219,12 @@ def test_model_parallel_matches_single_process_amsoftmax(launched: dict, dataset
     assert_close_weights(out, tmp_path, atol=1e-4)  # the backbone got the summed (true) gradient
 
     # the sharded checkpoint: each rank's file holds ceil(C/W) or fewer rows of the class matrix
-    final = out / "checkpoints" / "epoch-0002.ckpt"
+    final = ckpt_dir(out) / "epoch-0002.ckpt"
     meta = json.loads((final / "sharded.json").read_text())
     assert meta["world_size"] == WORLD and set(meta["sharded_keys"]) == {"loss", "optimizer"}
     shards = [torch.load(final / shard_file(r, WORLD), weights_only=True)["loss"]["classifier.weight"] for r in range(WORLD)]
     assert [s.shape[0] for s in shards] == [3, 2]
-    reference = torch.load(tmp_path / "checkpoints" / "epoch-0002.ckpt", weights_only=True)["loss"]["centers"]
+    reference = torch.load(ckpt_dir(tmp_path) / "epoch-0002.ckpt", weights_only=True)["loss"]["centers"]
     torch.testing.assert_close(torch.cat(shards), reference, rtol=0, atol=1e-4)
 
 
@@ -226,13 +239,14 @@ def test_model_parallel_sigterm_on_one_rank_resumes_exactly(launched: dict) -> N
     rank0 = launched["ranks"][0]
     assert rank0["mp-term"]["losses"] + rank0["mp-resume"]["losses"] == rank0["mp"]["losses"]
     # the mid-epoch sharded checkpoint was superseded and removed
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001.ckpt", "epoch-0002.ckpt"]
+    assert sorted(p.name for p in ckpt_dir(out).iterdir()) == kept(rank0["mp-resume"]["result"]["history"])
 
 
 @pytest.mark.slow
 def test_sharded_checkpoint_refuses_another_world_size(launched: dict, dataset: str, tmp_path: Path) -> None:
     copy = tmp_path / "mp"
     shutil.copytree(launched["root"] / "mp", copy)
+    shutil.copytree(ckpt_dir(launched["root"] / "mp"), ckpt_dir(copy))
     before = (copy / CONFIG).read_text()
     with pytest.raises(ShardedCheckpointError, match=r"written by 2 workers, this run has 1: resume with --nproc-per-node 2"):
         run_training(TrainInput(config=validate_config(raw_config(copy, model_parallel=True)), train_dataset=dataset))

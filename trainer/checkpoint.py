@@ -1,4 +1,10 @@
-"""Training checkpoints: one dict a file, named so a person can read where the run stood.
+"""Training checkpoints: where they live, which are kept, one dict a file, named for where the run stood.
+
+Location: their own folder, never inside the model folder (the artifact that evaluate and
+publish download): `train.checkpoint_dir`, by default the model folder's sibling
+`<output_dir>-checkpoints` (local or oss://). Resume looks there. Kept: every epoch
+checkpoint of the last `train.keep_checkpoints` epochs written, plus the best epoch's (lowest
+mean training loss, the one score every run has), plus the newest mid-epoch one.
 
 Names: `epoch-0003.ckpt` after three complete epochs; `epoch-0003-batch-000012.ckpt` when a
 run was stopped (SIGTERM, time limit) after 12 batches of the fourth epoch. `latest_checkpoint`
@@ -29,12 +35,70 @@ import torch
 
 from imlt.trainer import storage
 from imlt.trainer.collectives import barrier
+from imlt.trainer.config import ConfigError, RunConfig, config_diff
 from imlt.trainer.process_group import DistEnv
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINTS_SUFFIX = "-checkpoints"
 SHARD_META = "sharded.json"
 REPLICATED_FILE = "replicated.pt"
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-batch-(\d{6,}))?\.ckpt$")
+
+
+# Config fields that say where a run's files go, not how it trains: resume allows them to change.
+WHERE_FIELDS = ("output_dir:", "train.checkpoint_dir:", "train.keep_checkpoints:", "train.log_every_steps:", "train.threads:")
+
+
+class ResumeConfigError(ConfigError):
+    """The checkpoint found belongs to a run with different parameters."""
+
+
+def check_resumable(state: dict[str, Any], cfg: RunConfig, url: str) -> None:
+    """Refuse a checkpoint written under another config, naming every changed field.
+
+    Locations and logging are left out: a run folder can be moved (e.g. downloaded from OSS) and resumed.
+    """
+    changed = [c for c in config_diff(state["config"], cfg.model_dump(mode="json")) if not c.startswith(WHERE_FIELDS)]
+    if changed:
+        raise ResumeConfigError(
+            f"cannot resume from {url}: it was written with config {state['config_hash']}, this run's is "
+            f"{cfg.config_hash()}. A run's parameters cannot change; changed fields:\n  "
+            + "\n  ".join(changed)
+            + "\nUse a new output_dir, or resume=false to start over in this one."
+        )
+
+
+def checkpoint_dir(cfg: RunConfig) -> str:
+    """The run's checkpoint folder: train.checkpoint_dir, else `<output_dir>-checkpoints` beside the model folder."""
+    if cfg.train.checkpoint_dir:
+        return cfg.train.checkpoint_dir.rstrip("/")
+    out = cfg.output_dir.rstrip("/")
+    _, remote, path = out.partition("://")
+    if remote and not out.startswith("file://"):
+        root = "/" not in path  # oss://bucket: its sibling would be another bucket
+    else:
+        root = out.removeprefix("file://").strip("/") == ""
+    if root:
+        raise ConfigError(
+            f"output_dir={cfg.output_dir!r} is a bucket or file-system root, so it has no sibling folder for "
+            "checkpoints; set train.checkpoint_dir, or use a folder below it as output_dir"
+        )
+    return out + CHECKPOINTS_SUFFIX
+
+
+def stale_checkpoints(
+    found: list[tuple[tuple[int, int], str]], here: tuple[int, int], keep_last: int, epoch_loss: dict[int, float]
+) -> list[str]:
+    """URLs to delete after saving checkpoint `here` (epoch, batch): older mid-epoch checkpoints, and
+    epoch checkpoints beyond the last `keep_last` that are not the best (lowest `epoch_loss`;
+    epochs without a score never win). `found` is list_checkpoints' answer.
+    """
+    epochs = [(key, url) for key, url in found if key[1] == 0]
+    keep = {url for _, url in epochs[-keep_last:]}
+    scored = [(epoch_loss[key[0]], key, url) for key, url in epochs if key[0] in epoch_loss]
+    if scored:
+        keep.add(min(scored)[2])
+    stale = [url for key, url in found if key[1] > 0 and key < here]
+    return stale + [url for _, url in epochs if url not in keep]
 
 
 def checkpoint_name(epoch: int, batch: int = 0) -> str:

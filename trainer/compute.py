@@ -21,7 +21,9 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -158,3 +160,20 @@ def usage_record(wall_seconds: float, cfg: RunConfig, device: torch.device, worl
         "gpu_count": world_size if cuda else 0,
         "instance_type": cfg.compute.instance_type,
     }
+
+
+@contextlib.contextmanager
+def sigterm_flag(on_term: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, SIGTERM (Kubernetes eviction, Airflow kill) only calls `on_term`.
+
+    The loop checks the flag it sets at step boundaries, so a checkpoint is written before it stops.
+    Outside the main thread nothing is installed: signal handlers can only be set there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: on_term())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -222,7 +222,20 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0, description="Global batch size")
     epochs: int = Field(10, gt=0, description="Number of epochs")
     checkpoint_every: int = Field(1, gt=0, description="Write a checkpoint every N epochs")
-    fp16: bool = Field(False, description="Mixed precision with loss scaling (CUDA only)")
+    checkpoint_dir: str | None = Field(
+        None,
+        description="Local or oss:// folder for training checkpoints (what resume reads); default: the output_dir's "
+        "sibling `<output_dir>-checkpoints`, so the model folder holds only the model",
+    )
+    keep_checkpoints: int = Field(1, gt=0, description="Epoch checkpoints kept: the last N, plus the best epoch's")
+    threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads per process; default: the CPUs this process may use "
+        "(cgroup CPU limit, affinity) shared by the node's processes, minus data.reader_threads"
+    )
+    log_every_steps: int = Field(
+        50, gt=0, description="When stderr is not a terminal (KFP, Airflow logs): a progress line every N steps or 30 s"
+    )
+    fp16: bool = Field(False, description="Mixed precision with loss scaling (CUDA only; checked by the training process on its device)")
     seed: int = Field(0, description="Random seed (data order, initialisation)")
     max_hours: float = Field(24.0, gt=0, le=24, description="Time limit; on reaching it: checkpoint, then stop")
     device: Device = Field(Device.AUTO, description="auto, cpu or cuda")
@@ -304,10 +317,12 @@ class RunConfig(_Section):
                 raise ValueError(
                     f"model.num_classes={self.model.num_classes} but data.class_names lists {len(names)} classes"
                 )
-        if self.train.fp16 and not _cuda_possible(self.train.device):
+        # Host-independent on purpose: whether this host has a GPU is the training process's
+        # question (trainer.device.check_fp16); a CPU launcher or evaluate pod parses the same config.
+        if self.train.fp16 and self.train.device == Device.CPU:
             raise ValueError(
-                f"train.fp16=true needs a CUDA device (train.device={self.train.device.value}, "
-                "no GPU usable here); set train.fp16=false"
+                "train.fp16=true needs a CUDA device, but train.device=cpu; set train.fp16=false, "
+                "or train.device to auto or cuda"
             )
         return self
 
@@ -317,14 +332,6 @@ class RunConfig(_Section):
 
     def dump(self) -> dict[str, Any]:
         return {**self.model_dump(mode="json"), "config_hash": self.config_hash()}
-
-
-def _cuda_possible(device: Device) -> bool:
-    if device == Device.CPU:
-        return False
-    import torch  # only reached when fp16 is asked for
-
-    return torch.cuda.is_available()
 
 
 def canonical_json(obj: Any) -> str:

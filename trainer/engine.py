@@ -38,16 +38,13 @@ Several processes (trainer.compute says how they are started and wrapped):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
@@ -57,12 +54,12 @@ from torch import nn
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import storage
 from imlt.trainer.collectives import barrier, max_across_ranks, mean_across_ranks
-from imlt.trainer.compute import distributed_session, resolve_compute, unwrap, usage_record, wrap_objective
-from imlt.trainer.config import ConfigError, ModelType, RunConfig, config_diff
-from imlt.trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes, read_manifest
+from imlt.trainer.compute import distributed_session, resolve_compute, sigterm_flag, unwrap, usage_record, wrap_objective
+from imlt.trainer.config import ConfigError, ModelType, RunConfig
+from imlt.trainer.data.manifest import MANIFEST, check_labels, read_classes, read_manifest, with_dataset_classes
 from imlt.trainer.data.stream import build_stream, seed_everything
-from imlt.trainer.device import resolve_device
-from imlt.trainer.history import EpochMeter, EpochStats, plot_training_curve, write_history
+from imlt.trainer.device import check_fp16, resolve_device, torch_threads, training_threads
+from imlt.trainer.history import EpochMeter, EpochStats, ProgressLog, plot_training_curve, write_history
 from imlt.trainer.losses import LossOutput, build_loss
 from imlt.trainer.model_files import CONFIG, CURVE, USAGE
 from imlt.trainer.optim import build_optimizer, build_scheduler
@@ -96,10 +93,6 @@ class TrainingInterrupted(RuntimeError):
         self.checkpoint = checkpoint
 
 
-class ResumeConfigError(ConfigError):
-    """The checkpoint in output_dir belongs to a run with different parameters."""
-
-
 def run_training(
     inp: TrainInput,
     *,
@@ -120,29 +113,11 @@ def run_training(
     from imlt.trainer.storage.lease import training_lease  # a second attempt on this folder waits or stops
 
     cfg = resolve_compute(inp.config)
-    with distributed_session(cfg) as env, training_lease(cfg.output_dir, env.is_main):
+    threads = training_threads(cfg.train.threads, cfg.data.reader_threads)
+    with distributed_session(cfg) as env, torch_threads(threads), \
+            training_lease(ckpt.checkpoint_dir(cfg), env.is_main):
         trainer = Trainer(cfg, inp.train_dataset, resume=inp.resume, clock=clock, max_seconds=max_seconds, env=env)
         return trainer.fit()
-
-
-def resolve_config(cfg: RunConfig, classes: list[str], dataset_dir: str) -> RunConfig:
-    """Fill model.num_classes from the dataset's class list; refuse a conflicting explicit value."""
-    n = len(classes)
-    if cfg.model.num_classes is not None and cfg.model.num_classes != n:
-        raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes} but the train dataset's "
-            f"{storage.join(dataset_dir, CLASSES)} lists {n} classes; omit model.num_classes or set it to {n}"
-        )
-    if cfg.model.num_classes == n:
-        return cfg
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_classes": n})})
-
-
-def _check_labels(records: list[ManifestRecord], num_classes: int, dataset_dir: str) -> None:
-    for r in records:
-        problem = r.label_problem(num_classes)
-        if problem:
-            raise ValueError(f"{storage.join(dataset_dir, MANIFEST)}: record from {r.source}: {problem}")
 
 
 class Trainer:
@@ -165,11 +140,11 @@ class Trainer:
         if not storage.exists(storage.join(train_dataset, MANIFEST)):
             raise FileNotFoundError(f"train dataset {train_dataset}: no {MANIFEST} (is it a read_data output folder?)")
         self.classes = read_classes(train_dataset)
-        self.cfg = resolve_config(cfg, self.classes, train_dataset)
+        self.cfg = with_dataset_classes(cfg, self.classes, train_dataset)
         self.train_dataset = train_dataset
         self.resume = resume
         self.output_dir = self.cfg.output_dir
-        self.checkpoint_dir = storage.join(self.output_dir, ckpt.CHECKPOINT_DIR)
+        self.checkpoint_dir = ckpt.checkpoint_dir(self.cfg)
         self.clock = clock or time.monotonic
         env_limit = os.environ.get(MAX_SECONDS_ENV)
         if max_seconds is None and env_limit:
@@ -193,13 +168,15 @@ class Trainer:
             )
         self.model_parallel = self.cfg.compute.model_type == ModelType.MODEL_PARALLEL
         self.device = local_device(self.env, resolve_device(self.cfg.train.device))
+        if self.cfg.train.fp16:
+            check_fp16(self.device)  # here, on the device that trains: a config parses the same on every host
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False  # autotuning picks kernels per run: not reproducible
             torch.backends.cudnn.deterministic = True
 
         seed_everything(self.cfg.train.seed)
         records = read_manifest(train_dataset)
-        _check_labels(records, len(self.classes), train_dataset)
+        check_labels(records, len(self.classes), train_dataset)
         model = build_model(self.cfg.model, self.cfg.data.image_size)
         if self.world_size > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
@@ -243,12 +220,13 @@ class Trainer:
         if self.env.is_main:
             storage.write_text(storage.join(self.output_dir, CONFIG), json.dumps(self.cfg.dump(), indent=2) + "\n")
         self._log(
-            "training %s on %s x %d (%s): %d images, %d classes, %d batches/epoch, epochs %d..%d of %d",
-            self.cfg.model.backbone, self.device, self.world_size, self.cfg.compute.model_type.value,
+            "training %s on %s x %d (%s, %d threads): %d images, %d classes, %d batches/epoch, epochs %d..%d of %d",
+            self.cfg.model.backbone, self.device, self.world_size, self.cfg.compute.model_type.value, torch.get_num_threads(),
             len(self.loader.dataset), len(self.classes),  # type: ignore[arg-type]
             self.steps_per_epoch, self.epoch + 1, epochs, epochs,
         )
-        with self._sigterm_flag():
+        self._log("checkpoints in %s (the last %d epochs and the best)", self.checkpoint_dir, self.cfg.train.keep_checkpoints)
+        with sigterm_flag(self._on_sigterm):
             while self.epoch < epochs and not self.stop_reason:
                 if not self.train_epoch(self.epoch):
                     self.save_checkpoint()  # stopped mid-epoch: keep the position
@@ -282,6 +260,8 @@ class Trainer:
         with tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
                   unit="batch", disable=not show, leave=False) as bar:
             tick = time.perf_counter()
+            progress = None if show or not self.env.is_main else ProgressLog(
+                self.cfg.train.epochs * self.steps_per_epoch, self.cfg.train.log_every_steps)
             for images, labels in self.loader:
                 out = self.training_step(images, labels, epoch, self.batch)
                 now = time.perf_counter()
@@ -292,6 +272,8 @@ class Trainer:
                 self.batch += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.meter.images_per_second:.0f}")
+                if progress is not None:
+                    progress.step(self.global_step, loss, self.meter)
                 if self._stop_requested() and self.batch < self.steps_per_epoch:
                     return False
         return True
@@ -338,6 +320,9 @@ class Trainer:
             if p.grad is not None:
                 p.grad.mul_(self.world_size)
 
+    def _on_sigterm(self) -> None:
+        self._term_requested = True  # only a flag: the loop checks it at the next step boundary
+
     def _log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
         if self.env.is_main:
             log.log(level, msg, *args)
@@ -359,22 +344,6 @@ class Trainer:
             self._log("time limit of %.0f s reached: checkpointing and stopping", self.max_seconds, level=logging.WARNING)
         self.stop_reason = max(self.stop_reason, code)
         return bool(self.stop_reason)
-
-    @contextlib.contextmanager
-    def _sigterm_flag(self) -> Iterator[None]:
-        """While training, SIGTERM only sets a flag that the loop checks at step boundaries."""
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be installed from the main thread
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            self._term_requested = True
-
-        previous = signal.signal(signal.SIGTERM, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -401,7 +370,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> str:
-        """Write the full training state; mid-epoch checkpoints older than this one are removed.
+        """Write the full training state; checkpoints past keeping (trainer.checkpoint) are removed.
 
         Every rank calls this. Data-parallel: rank 0 writes one file. Model-parallel: a sharded
         folder, every rank writing its class shard. All ranks leave together, after the write,
@@ -416,10 +385,10 @@ class Trainer:
         elif self.env.is_main:
             ckpt.save_checkpoint(url, self.state_dict())
         if self.env.is_main:
-            here = (self.epoch, self.batch)
-            for key, old in ckpt.list_checkpoints(self.checkpoint_dir):
-                if key[1] > 0 and key < here:
-                    ckpt.delete_checkpoint(old)
+            found = ckpt.list_checkpoints(self.checkpoint_dir)
+            losses = {h.epoch: h.loss for h in self.history}
+            for old in ckpt.stale_checkpoints(found, (self.epoch, self.batch), self.cfg.train.keep_checkpoints, losses):
+                ckpt.delete_checkpoint(old)
             log.info("checkpoint %s (global step %d)", url, self.global_step)
         barrier()
         return url
@@ -431,15 +400,7 @@ class Trainer:
         number of workers that wrote it, and that message says exactly what to do.
         """
         state = ckpt.load_sharded(url, self.env) if ckpt.is_sharded(url) else ckpt.load_checkpoint(url)
-        # output_dir is left out so a run folder can be moved (e.g. downloaded from OSS) and resumed.
-        changed = [c for c in config_diff(state["config"], self.cfg.model_dump(mode="json")) if not c.startswith("output_dir:")]
-        if changed:
-            raise ResumeConfigError(
-                f"cannot resume from {url}: it was written with config {state['config_hash']}, this run's is "
-                f"{self.cfg.config_hash()}. A run's parameters cannot change; changed fields:\n  "
-                + "\n  ".join(changed)
-                + "\nUse a new output_dir, or resume=false to start over in this one."
-            )
+        ckpt.check_resumable(state, self.cfg, url)
         if state["config"].get("output_dir") != self.cfg.output_dir:
             self._log("resuming a run folder moved from %s", state["config"].get("output_dir"))
         unwrap(self.model).load_state_dict(state["model"], strict=True)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -15,6 +18,8 @@ from pydantic import BaseModel, Field
 from imlt.trainer import storage
 
 from imlt.trainer.model_files import HISTORY
+
+log = logging.getLogger(__name__)
 
 
 class EpochStats(BaseModel):
@@ -74,6 +79,30 @@ class EpochMeter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in vars(self):
             setattr(self, key, state[key])
+
+
+class ProgressLog:
+    """Progress lines for logs that are not a terminal (KFP and Airflow task logs, redirected output).
+
+    Every `every_steps` optimiser steps, or after `every_seconds` without a line: step, loss, images/s
+    of the epoch so far, and the time left at that pace. A terminal gets a progress bar instead.
+    """
+
+    def __init__(self, total_steps: int, every_steps: int, every_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total_steps, self.every_steps, self.every_seconds = total_steps, every_steps, every_seconds
+        self.clock = clock
+        self.last = clock()
+
+    def step(self, global_step: int, loss: float, meter: EpochMeter) -> None:
+        now = self.clock()
+        if global_step % self.every_steps and now - self.last < self.every_seconds:
+            return
+        self.last = now
+        per_step = meter.seconds / meter.batches if meter.batches else 0.0
+        eta = int((self.total_steps - global_step) * per_step)
+        log.info("step %d/%d: loss %.4f, %.0f images/s, ETA %d:%02d:%02d", global_step, self.total_steps, loss,
+                 meter.images_per_second, eta // 3600, eta // 60 % 60, eta % 60)
 
 
 def write_history(output_dir: str, history: list[EpochStats]) -> str:

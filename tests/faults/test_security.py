@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import (
-    BACKBONE, IMAGE_SIZE, REPO, checkpoints, imlt, imlt_cmd, subprocess_env, train_args,
+    BACKBONE, IMAGE_SIZE, REPO, checkpoints, ckpt_dir, imlt, imlt_cmd, subprocess_env, train_args,
 )
 from tests.support.images import write_colour_images
 from tests.support.oss_server import OssTestServer
@@ -101,7 +101,7 @@ train: {{batch_size: 8, epochs: 1, device: cpu}}
 
     # the run really went through OSS with these credentials, and DEBUG logs were captured
     objects = all_objects(sts_server)
-    for key in ("work/model/config.json", "work/model/checkpoints/epoch-0001.ckpt", "work/metrics/metrics.json",
+    for key in ("work/model/config.json", "work/model-checkpoints/epoch-0001.ckpt", "work/metrics/metrics.json",
                 "published/latest", "published/v1/model_card.json", "published/v1/MODEL_CARD.md",
                 "published/v1/config.json", "work/validation/train/report.html"):
         assert f"secure-bucket/{key}" in objects, sorted(objects)
@@ -168,8 +168,8 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_on_resume(dataset: str
     marker = tmp_path / "pwned"
     import torch
 
-    real = torch.load(out / "checkpoints" / "epoch-0001.ckpt", weights_only=True)
-    bomb = out / "checkpoints" / "epoch-0002.ckpt"  # the newest checkpoint: resume reads it
+    real = torch.load(ckpt_dir(out) / "epoch-0001.ckpt", weights_only=True)
+    bomb = ckpt_dir(out) / "epoch-0002.ckpt"  # the newest checkpoint: resume reads it
     pickle_bomb(bomb, marker, {**real, "epoch": 2})
     bomb.with_suffix(".control").unlink()
     ran = imlt(*train_args(dataset, out, 1))

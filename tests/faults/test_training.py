@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import (
-    STEPS_PER_EPOCH, checkpoints, imlt, imlt_cmd, run_imlt, subprocess_env, train_args,
+    STEPS_PER_EPOCH, checkpoints, ckpt_dir, imlt, imlt_cmd, kept, run_imlt, subprocess_env, train_args,
 )
 from imlt.trainer.model_files import CONFIG, HISTORY, USAGE, WEIGHTS
 
@@ -35,7 +35,7 @@ def latest_checkpoint(output_dir: Path) -> Path:
     """The furthest-along checkpoint by (epoch, batch), as the trainer orders them (not by name)."""
     from imlt.trainer import checkpoint as ckpt
 
-    return Path(ckpt.latest_checkpoint(str(output_dir / "checkpoints")))
+    return Path(ckpt.latest_checkpoint(str(ckpt_dir(output_dir))))
 
 
 def assert_finite_checkpoint(path: Path) -> dict:
@@ -87,9 +87,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     step = STEPS_PER_EPOCH + 1
     assert f"NonFiniteLossError: loss is " in ran.output
     assert f"at epoch 2, batch index 1, global step {step}" in ran.output, ran.output
-    assert f"last good checkpoint: {out}/checkpoints/epoch-0001.ckpt" in ran.output
+    assert f"last good checkpoint: {out}-checkpoints/epoch-0001.ckpt" in ran.output
     assert checkpoints(out) == ["epoch-0001.ckpt"]
-    assert assert_finite_checkpoint(out / "checkpoints" / "epoch-0001.ckpt")["global_step"] == STEPS_PER_EPOCH
+    assert assert_finite_checkpoint(ckpt_dir(out) / "epoch-0001.ckpt")["global_step"] == STEPS_PER_EPOCH
     assert not (out / WEIGHTS).exists()  # no model from a diverged run
 
     resumed = imlt(*train_args(dataset, out, 2))  # the fault was transient: resume finishes the run
@@ -148,7 +148,7 @@ def test_sigterm_mid_epoch_leaves_a_resumable_checkpoint(dataset: str, tmp_path:
             child.kill()
             child.communicate()
     assert child.returncode == 1, output
-    mid = f"{out}/checkpoints/epoch-0001-batch-000002.ckpt"
+    mid = f"{out}-checkpoints/epoch-0001-batch-000002.ckpt"
     assert f"TrainingInterrupted: stopped by SIGTERM at epoch 2, batch 2; checkpoint {mid}" in output, output
     assert "Traceback" not in output
     assert checkpoints(out) == ["epoch-0001-batch-000002.ckpt", "epoch-0001.ckpt"]
@@ -161,7 +161,7 @@ def test_sigterm_mid_epoch_leaves_a_resumable_checkpoint(dataset: str, tmp_path:
     result = resumed.json()
     assert result["epochs_completed"] == 3 and not result["stopped_early"]
     assert [h["images"] for h in result["history"]] == [24, 24, 24]  # the split epoch counts whole
-    assert checkpoints(out) == ["epoch-0001.ckpt", "epoch-0002.ckpt", "epoch-0003.ckpt"]
+    assert checkpoints(out) == kept(result["history"])
 
 
 # --- the time limit -----------------------------------------------------------------------------------
@@ -225,14 +225,15 @@ def resize_tmpfs(path: Path, size: int) -> None:
 @pytest.mark.parametrize("disk", ["file-size-limit", "full-tmpfs"])
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(dataset: str, tmp_path: Path, disk: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    out = tmp_path / "model"
-    with small_tmpfs(out) if disk == "full-tmpfs" else contextlib.nullcontext():
+    volume = tmp_path / "volume"  # holds the model folder and, beside it, the checkpoints
+    out = volume / "model"
+    with small_tmpfs(volume) if disk == "full-tmpfs" else contextlib.nullcontext():
         # 1. a run stopped by the time limit after one step: the "previous" checkpoint
         monkeypatch.setenv("IMLT_MAX_SECONDS", "0")
         first = imlt(*train_args(dataset, out, 2))
         assert first.exit_code == 0, first.output
         monkeypatch.delenv("IMLT_MAX_SECONDS")
-        previous = out / "checkpoints" / "epoch-0000-batch-000001.ckpt"
+        previous = ckpt_dir(out) / "epoch-0000-batch-000001.ckpt"
         assert checkpoints(out) == [previous.name]
         size = previous.stat().st_size
         good = previous.read_bytes()
@@ -242,22 +243,22 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(dataset: st
             ran = run_imlt(*train_args(dataset, out, 2), prelude=_FILE_SIZE_LIMIT.format(limit=size // 3))
             reason = "File too large"
         else:
-            stats = os.statvfs(out)
+            stats = os.statvfs(volume)
             used = (stats.f_blocks - stats.f_bfree) * stats.f_frsize
-            resize_tmpfs(out, used + size // 3)
+            resize_tmpfs(volume, used + size // 3)
             ran = imlt(*train_args(dataset, out, 2))
             reason = "No space left on device"
         assert ran.exit_code == 1, ran.output
-        assert f"{out}/checkpoints/epoch-0001.ckpt" in ran.output and reason in ran.output, ran.output
+        assert f"{out}-checkpoints/epoch-0001.ckpt" in ran.output and reason in ran.output, ran.output
         assert "Traceback" not in ran.output
-        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [previous.name]  # no partial file, no temp file
+        assert sorted(p.name for p in ckpt_dir(out).iterdir()) == [previous.name]  # no partial file, no temp file
         assert previous.read_bytes() == good
         assert_finite_checkpoint(previous)
 
         # 3. room again: the resumed run finishes from the previous checkpoint
         if disk == "full-tmpfs":
-            resize_tmpfs(out, 64 * 2**20)
+            resize_tmpfs(volume, 64 * 2**20)
         done = imlt(*train_args(dataset, out, 2))
         assert done.exit_code == 0, done.output
         assert done.json()["epochs_completed"] == 2
-        assert checkpoints(out) == ["epoch-0001.ckpt", "epoch-0002.ckpt"]
+        assert checkpoints(out) == kept(done.json()["history"])

@@ -76,5 +76,16 @@ def train_args(dataset: str, output_dir: str | Path, epochs: int = 2, *extra: st
             "--reader-threads", "0", "--device", "cpu", "--lr", "0.05", "--seed", "3", *extra]
 
 
+def ckpt_dir(output_dir: str | Path) -> Path:
+    """Where a run's checkpoints go by default: the model folder's sibling, not inside it."""
+    return Path(f"{output_dir}-checkpoints")
+
+
+def kept(history: list) -> list[str]:
+    """The epoch checkpoints a run keeps by default: its last epoch's and its best (lowest loss) epoch's."""
+    losses = [h["loss"] for h in history]
+    return sorted({f"epoch-{len(losses):04d}.ckpt", f"epoch-{1 + losses.index(min(losses)):04d}.ckpt"})
+
+
 def checkpoints(output_dir: str | Path) -> list[str]:
-    return sorted(p.name for p in (Path(output_dir) / "checkpoints").glob("*.ckpt"))
+    return sorted(p.name for p in ckpt_dir(output_dir).glob("*.ckpt"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from imlt.trainer import storage
+from imlt.trainer.config import ConfigError, RunConfig
 
 MANIFEST = "manifest.jsonl"
 CLASSES = "classes.txt"
@@ -50,6 +51,27 @@ def write_dataset(dataset_dir: str, records: list[ManifestRecord], classes: list
     storage.write_text(storage.join(dataset_dir, MANIFEST), "".join(r.model_dump_json() + "\n" for r in records))
     storage.write_text(storage.join(dataset_dir, CLASSES), "".join(c + "\n" for c in classes))
     storage.write_text(storage.join(dataset_dir, SUMMARY), summary.model_dump_json(indent=2))
+
+
+def with_dataset_classes(cfg: RunConfig, classes: list[str], dataset_dir: str) -> RunConfig:
+    """Fill model.num_classes from the dataset's class list; refuse a conflicting explicit value."""
+    n = len(classes)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != n:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but the train dataset's "
+            f"{storage.join(dataset_dir, CLASSES)} lists {n} classes; omit model.num_classes or set it to {n}"
+        )
+    if cfg.model.num_classes == n:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_classes": n})})
+
+
+def check_labels(records: list[ManifestRecord], num_classes: int, dataset_dir: str) -> None:
+    """Refuse a dataset with a record whose labels do not fit its class list (training's check)."""
+    for r in records:
+        problem = r.label_problem(num_classes)
+        if problem:
+            raise ValueError(f"{storage.join(dataset_dir, MANIFEST)}: record from {r.source}: {problem}")
 
 
 def read_manifest(dataset_dir: str) -> list[ManifestRecord]:

@@ -16,6 +16,8 @@ size.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import signal
 import tempfile
@@ -31,6 +33,7 @@ from imlt.trainer import storage
 from imlt.trainer.config import RunConfig
 from imlt.trainer.data.manifest import ManifestRecord
 
+log = logging.getLogger(__name__)
 
 def mix_seed(*parts: int) -> int:
     """A well-spread 63-bit seed from integers (numpy's SeedSequence does the hashing)."""
@@ -182,7 +185,10 @@ def build_stream(
     cfg: RunConfig, records: list[ManifestRecord], *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
     workers: int | None = None,
 ) -> BatchStream:
-    """The training batch stream of `records` for this rank; `workers` defaults to data.reader_threads."""
+    """The training batch stream of `records` for this rank.
+
+    `workers` defaults to data.reader_threads, lowered (with one warning) to what /dev/shm holds.
+    """
     from imlt.trainer.data.dataset import ImageDataset
 
     t = cfg.train
@@ -199,6 +205,18 @@ def build_stream(
         )
     batches = EpochBatches(len(dataset), t.batch_size, t.seed, inner=inner, rank=rank, world_size=world_size)
     workers = cfg.data.reader_threads if workers is None else workers
+    one_batch, free = batch_bytes(batches.local_batch, cfg.data.image_size), shm_free_bytes()
+    fit = workers_that_fit(workers, one_batch, free)
+    if fit < workers:
+        if rank == 0:
+            log.warning(
+                "%s has %.0f MiB free, too little for %d DataLoader workers handing over %.0f MiB batches "
+                "(about %.0f MiB): using %d; mount a memory-backed %s (Kubernetes: an emptyDir with medium Memory) "
+                "of at least that size to keep them all",
+                SHM_DIR, (free or 0) / 2**20, workers, one_batch / 2**20,
+                (workers * PREFETCH + 1) * one_batch * SHM_MARGIN / 2**20, fit, SHM_DIR,
+            )
+        workers = fit
     loader = DataLoader(
         SeededSamples(dataset),
         batch_sampler=batches,
@@ -210,3 +228,43 @@ def build_stream(
         generator=torch.Generator().manual_seed(mix_seed(t.seed, 1)),
     )
     return BatchStream(loader, batches, cache)
+
+
+# --- /dev/shm: what DataLoader workers hand their batches over in ------------------------------------
+
+SHM_DIR = "/dev/shm"
+# DataLoader's default prefetch_factor: batches each worker keeps ready ahead of the loop.
+PREFETCH = 2
+# Headroom for labels, allocator rounding and the batch the loop is still using.
+SHM_MARGIN = 1.25
+
+
+def batch_bytes(local_batch: int, image_size: int) -> int:
+    """Bytes of one batch of float32 RGB images, as a worker puts it into shared memory."""
+    return local_batch * 3 * image_size * image_size * 4
+
+
+def shm_free_bytes(shm_dir: str = SHM_DIR) -> int | None:
+    """Free bytes in the shared-memory file system; None where there is none (not Linux)."""
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def workers_that_fit(requested: int, one_batch: int, free: int | None) -> int:
+    """The most DataLoader workers (up to `requested`) whose batches fit in `free` bytes of /dev/shm.
+
+    Workers hand every batch to the training process through shared memory, which on Linux is
+    /dev/shm whatever torch's sharing strategy (file_system and file_descriptor both allocate
+    there with shm_open), so switching the strategy would not help: a pod's default 64 MiB runs
+    out and the loader dies with "unable to allocate shared memory". Fewer workers need less; no
+    worker needs none (loading then runs in the training process). The data stream, and so the
+    result, does not depend on the number of workers.
+    """
+    if requested <= 0 or free is None:
+        return max(requested, 0)
+    # in flight: PREFETCH batches a worker, plus the one the loop holds
+    fit = int((free / (one_batch * SHM_MARGIN) - 1) // PREFETCH)
+    return max(0, min(requested, fit))
