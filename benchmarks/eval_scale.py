@@ -198,6 +198,13 @@ def _headline(n: int, runs: dict[str, dict[str, Any]], exact: dict[str, Any] | N
     text = (f"At {n:,} x 512: sampled evaluation, {s['num_queries']:,} queries, Recall@1 {s['metrics']['recall_at_1']:.4f} "
             f"± {s['half_widths']['recall_at_1']:.4f} in {s['seconds']:.0f} s wall ({s['cpu_seconds']:.0f} CPU s, load "
             f"{s['load_start']:.1f}), peak {C.gib(s['peak_bytes'])} GiB above the data ({s['peak_bytes'] / s['data_bytes']:.2f}x).")
+    p = s["metrics"]["recall_at_1"]
+    need = 1.959963984540054**2 * p * (1 - p) / 0.005**2
+    need = int(np.ceil(need / (1 + (need - 1) / n)))
+    if s["num_queries"] < need:  # a fixed smaller sample: say what the 0.005 target would cost at this rate
+        cpu = s["cpu_seconds"] / s["num_queries"] * need
+        text += (f" Extrapolated at this rate: the {need:,} queries a 0.005 half-width needs take about {cpu:.0f} CPU s, "
+                 f"i.e. about {cpu / 2 / 60:.1f} min on 2 idle cores (not measured).")
     if exact is not None:
         text += (f" Exact: {exact['metrics']['recall_at_1']:.4f} in {exact['seconds']:.0f} s "
                  f"(sampled takes {C.ratio(s['seconds'], exact['seconds'])} of exact's time).")
