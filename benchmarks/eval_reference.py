@@ -89,6 +89,8 @@ def main() -> None:
         "num_queries": int(len(queries)),
         "num_eligible_queries": population,
         "partial": bool(len(parts) * args.chunk < args.queries),
+        "partial_note": "a partial run holds the first chunks of the sorted sample; the generator's rows are in random "
+                        "order, so that is still a uniform random sample of queries. Rerun the command to complete it.",
         "metrics": metrics,
         "intervals95": {m: [lo, hi] for m, (lo, hi) in intervals.items()},
         "interval_method": "Wilson (Recall@K), normal (MAP@R), finite-population corrected",
