@@ -135,7 +135,8 @@ def main() -> None:
         "sampled = exact search (faiss brute force, fp32) of a random query sample against the full gallery, sample "
         "sized from a 2,000-query pilot for a Recall@1 95% half-width <= 0.005 unless fixed; intervals: Wilson "
         "(Recall@K) and normal (MAP@R), finite-population corrected. The reference is "
-        "benchmarks/eval_reference.json (exact search of 50k queries, seeds inside). \"x data\" is the peak above "
+        f"benchmarks/eval_reference.json ({_reference_words()}, seeds inside); \"inside CI?\" asks whether the "
+        "difference lies within the two 95% half-widths combined. \"x data\" is the peak above "
         "the loaded embeddings as a multiple of their size.\n\n" + C.markdown_table(columns, rows)
     )
     name = "eval_gpu" if args.device == "cuda" else "eval_scale"
@@ -163,6 +164,14 @@ def _rows_for(n: int, spec: Any, runs: dict[str, dict[str, Any]], rows: list[lis
     for label, r in runs.items():
         rows.append(_row(n, label, r, exact, ref))
     headlines.append(_headline(n, runs, exact, ref))
+
+
+def _reference_words() -> str:
+    if not REFERENCE.exists():
+        return "not computed yet"
+    ref = json.loads(REFERENCE.read_text())
+    return (f"exact search of {ref['num_queries']:,} random queries at {ref['data']['n']:,}"
+            + (f", a partial run of the {ref['queries_drawn']:,} planned" if ref.get("partial") else ""))
 
 
 def _reference(spec: Any, n: int) -> dict[str, Any] | None:
@@ -198,6 +207,13 @@ def _headline(n: int, runs: dict[str, dict[str, Any]], exact: dict[str, Any] | N
     text = (f"At {n:,} x 512: sampled evaluation, {s['num_queries']:,} queries, Recall@1 {s['metrics']['recall_at_1']:.4f} "
             f"± {s['half_widths']['recall_at_1']:.4f} in {s['seconds']:.0f} s wall ({s['cpu_seconds']:.0f} CPU s, load "
             f"{s['load_start']:.1f}), peak {C.gib(s['peak_bytes'])} GiB above the data ({s['peak_bytes'] / s['data_bytes']:.2f}x).")
+    p = s["metrics"]["recall_at_1"]
+    need = 1.959963984540054**2 * p * (1 - p) / 0.005**2
+    need = int(np.ceil(need / (1 + (need - 1) / n)))
+    if s["num_queries"] < need:  # a fixed smaller sample: say what the 0.005 target would cost at this rate
+        cpu = s["cpu_seconds"] / s["num_queries"] * need
+        text += (f" Extrapolated at this rate: the {need:,} queries a 0.005 half-width needs take about {cpu:.0f} CPU s, "
+                 f"i.e. about {cpu / 2 / 60:.1f} min on 2 idle cores (not measured).")
     if exact is not None:
         text += (f" Exact: {exact['metrics']['recall_at_1']:.4f} in {exact['seconds']:.0f} s "
                  f"(sampled takes {C.ratio(s['seconds'], exact['seconds'])} of exact's time).")

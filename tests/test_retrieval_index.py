@@ -233,3 +233,13 @@ def test_benchmark_data_is_seeded_unit_and_zipf_like() -> None:
     assert np.median(sizes) < sizes.mean()  # a long tail: most classes small, a few large
     with pytest.raises(ValueError, match="need n >="):
         class_sizes(10, 6, 100, np.random.default_rng(0))
+
+
+def test_a_pilot_sized_sample_equals_the_same_queries_searched_at_once() -> None:
+    x, y = _ties_free(n=3000, dim=16, classes=150)
+    st = EvaluationSettings(mode="sampled", target_half_width=0.03, pilot_queries=300, seed=2)
+    r = evaluate_retrieval(x, y, settings=st)
+    n = r.details["num_queries"]
+    assert 300 < n < 3000
+    once = retrieval_metrics(x, y, queries=np.random.default_rng(2).permutation(np.arange(len(y)))[:n])
+    assert r.metrics == pytest.approx(once, abs=1e-12)

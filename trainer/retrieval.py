@@ -549,15 +549,13 @@ def evaluate_retrieval(
     n = len(y)
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True) if y.ndim == 1 else (None, None, None)
     eligible = np.flatnonzero(counts[inverse] > 1) if counts is not None else np.arange(0)
-    searcher_backend = st.backend
     details: dict[str, Any] = {"num_samples": int(n), "num_eligible_queries": int(len(eligible)),
                                "backend": None, "search": "exact inner product on unit rows (fp32 scores)"}
     started = time.perf_counter()
 
     def run(queries: np.ndarray | None) -> PerQuery:
-        per = per_query_metrics(embeddings, labels, ks, st.chunk_size, queries=queries,
-                                backend=searcher_backend, device=st.device, copy=copy)
-        return per
+        return per_query_metrics(embeddings, labels, ks, st.chunk_size, queries=queries,
+                                 backend=st.backend, device=st.device, copy=copy)
 
     sampled = st.mode == "sampled" or (st.mode == "auto" and n > st.exact_max_samples)
     if not sampled or len(eligible) == 0:
@@ -580,7 +578,13 @@ def evaluate_retrieval(
         details["note"] = (f"a sample of {size} queries would cover all {len(eligible)} queries: "
                            "evaluated every query exactly instead")
         return _report(run(None), None, details, started, st)
-    return _report(run(np.sort(perm[:size])), len(eligible), details, started, st)
+    if st.sample_queries is not None:
+        return _report(run(np.sort(perm[:size])), len(eligible), details, started, st)
+    rest = run(np.sort(perm[len(pilot.queries) : size]))  # the pilot's queries are not searched twice
+    both = PerQuery(ks=pilot.ks, queries=np.concatenate([pilot.queries, rest.queries]),
+                    hits=np.concatenate([pilot.hits, rest.hits]), ap=np.concatenate([pilot.ap, rest.ap]),
+                    num_classes=rest.num_classes)
+    return _report(both, len(eligible), details, started, st)
 
 
 def required_sample_size(pilot: PerQuery, population: int, half_width: float) -> int:
