@@ -19,7 +19,7 @@ import pytest
 import yaml
 from kubeflow_trainer_api.models import IoK8sApiCoreV1PodTemplateSpec
 
-from imlt.trainer import k8s
+from imlt.trainer import k8s, k8s_jobs
 from imlt.trainer.config import load_config
 
 SCHEMA = json.loads((Path(__file__).parent / "schemas" / "pytorchjob-v1.schema.json").read_text())
@@ -277,8 +277,8 @@ def trainjob() -> dict[str, Any]:
 def test_create_poll_and_succeed(trainjob: dict[str, Any]) -> None:
     api = FakeApi([RUNNING, RUNNING, [_condition("Created"), _condition("Complete", "JobsCompleted")]])
     lines: list[str] = []
-    job = k8s.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lines.append)
-    assert k8s.job_state(job)[0] == "succeeded"
+    job = k8s_jobs.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lines.append)
+    assert k8s_jobs.job_state(job)[0] == "succeeded"
     assert api.calls == ["create", "get", "get", "get"]
     assert lines[0].startswith("created TrainJob default/imlt-") and lines[-1].endswith("succeeded")
 
@@ -286,7 +286,7 @@ def test_create_poll_and_succeed(trainjob: dict[str, Any]) -> None:
 def test_pytorchjob_succeeded_condition() -> None:
     m = k8s.render_pytorchjob(_cfg(), image=IMAGE, command=COMMAND)
     api = FakeApi([[_condition("Running")], [_condition("Succeeded")]])
-    job = k8s.submit_and_wait(m, api=api, poll_seconds=0, echo=lambda s: None)
+    job = k8s_jobs.submit_and_wait(m, api=api, poll_seconds=0, echo=lambda s: None)
     assert job["kind"] == "PyTorchJob" and api.calls.count("get") == 2
 
 
@@ -296,7 +296,7 @@ def test_reattach_on_conflict(trainjob: dict[str, Any]) -> None:
     api.calls.clear()
     api.script = [RUNNING, RUNNING, [_condition("Complete")]]
     lines: list[str] = []
-    k8s.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lines.append)
+    k8s_jobs.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lines.append)
     assert api.calls == ["create", "get", "get", "get"]  # the 409'd create, then re-attached polling
     assert any("re-attaching" in line for line in lines)
 
@@ -307,13 +307,13 @@ def test_conflict_with_a_different_job_is_refused(trainjob: dict[str, Any]) -> N
     other["metadata"]["annotations"][k8s.ANNOTATION_MANIFEST_HASH] = "something-else"
     api.create_namespaced_custom_object("g", "v", "default", "trainjobs", other, field_validation="Strict")
     with pytest.raises(k8s.ManifestError, match="already exists with a different spec"):
-        k8s.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lambda s: None)
+        k8s_jobs.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lambda s: None)
 
 
 def test_failure_raises_with_the_jobs_message(trainjob: dict[str, Any]) -> None:
     api = FakeApi([RUNNING, [_condition("Failed", "DeadlineExceeded", "TrainJob exceeded its activeDeadlineSeconds")]])
-    with pytest.raises(k8s.JobFailed, match="DeadlineExceeded: TrainJob exceeded its activeDeadlineSeconds"):
-        k8s.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lambda s: None)
+    with pytest.raises(k8s_jobs.JobFailed, match="DeadlineExceeded: TrainJob exceeded its activeDeadlineSeconds"):
+        k8s_jobs.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lambda s: None)
     assert "delete" not in api.calls  # a failed job stays for inspection
 
 
@@ -322,10 +322,10 @@ def test_existing_failed_job_is_replaced_on_retry(trainjob: dict[str, Any]) -> N
     api.create_namespaced_custom_object("g", "v", "default", "trainjobs", trainjob, field_validation="Strict")
     api.script = [[_condition("Failed", "BackoffLimitExceeded")], [_condition("Complete")]]
     api.calls.clear()
-    job = k8s.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lambda s: None)
+    job = k8s_jobs.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lambda s: None)
     # create (409) -> get (failed) -> delete -> get (404: gone) -> create -> get (complete)
     assert api.calls == ["create", "get", "delete", "get", "create", "get"]
-    assert k8s.job_state(job)[0] == "succeeded"
+    assert k8s_jobs.job_state(job)[0] == "succeeded"
 
 
 def test_cancel_event_deletes_the_job(trainjob: dict[str, Any]) -> None:
@@ -338,22 +338,22 @@ def test_cancel_event_deletes_the_job(trainjob: dict[str, Any]) -> None:
         if line.startswith("created"):
             cancel.set()
 
-    with pytest.raises(k8s.JobCancelled):
-        k8s.submit_and_wait(trainjob, api=api, poll_seconds=5, echo=echo, cancel=cancel)
+    with pytest.raises(k8s_jobs.JobCancelled):
+        k8s_jobs.submit_and_wait(trainjob, api=api, poll_seconds=5, echo=echo, cancel=cancel)
     assert api.calls[-1] == "delete" and not api.objects
 
 
 def test_keyboard_interrupt_deletes_the_job(trainjob: dict[str, Any]) -> None:
     api = FakeApi([RUNNING] * 100, interrupt_on_get=3)
     with pytest.raises(KeyboardInterrupt):
-        k8s.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lambda s: None)
+        k8s_jobs.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lambda s: None)
     assert api.calls[-1] == "delete" and not api.objects
 
 
 def test_timeout_deletes_the_job(trainjob: dict[str, Any]) -> None:
     api = FakeApi([RUNNING] * 100)
-    with pytest.raises(k8s.JobTimeout, match="still running after 0 s"):
-        k8s.submit_and_wait(trainjob, api=api, poll_seconds=0, timeout=0, echo=lambda s: None)
+    with pytest.raises(k8s_jobs.JobTimeout, match="still running after 0 s"):
+        k8s_jobs.submit_and_wait(trainjob, api=api, poll_seconds=0, timeout=0, echo=lambda s: None)
     assert api.calls[-1] == "delete" and not api.objects
 
 
@@ -363,7 +363,7 @@ def test_other_create_errors_propagate(trainjob: dict[str, Any]) -> None:
             raise ApiError(403)
 
     with pytest.raises(ApiError, match="403"):
-        k8s.submit_and_wait(trainjob, api=Forbidden(), poll_seconds=0, echo=lambda s: None)
+        k8s_jobs.submit_and_wait(trainjob, api=Forbidden(), poll_seconds=0, echo=lambda s: None)
 
 
 def test_node0_logs_are_streamed_once(trainjob: dict[str, Any]) -> None:
@@ -385,7 +385,7 @@ def test_node0_logs_are_streamed_once(trainjob: dict[str, Any]) -> None:
     core = FakeCore()
     api = FakeApi([RUNNING, RUNNING, RUNNING, [_condition("Complete")]])
     lines: list[str] = []
-    k8s.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lines.append, log=k8s.pod_log_source(core))
+    k8s_jobs.submit_and_wait(trainjob, api=api, poll_seconds=0, echo=lines.append, log=k8s_jobs.pod_log_source(core))
     logged = [line for line in lines if line.startswith("epoch")]
     assert logged == ["epoch 0", "epoch 1", "epoch 2"]  # first poll: no pod yet; no line twice
     name = trainjob["metadata"]["name"]
@@ -395,7 +395,7 @@ def test_node0_logs_are_streamed_once(trainjob: dict[str, Any]) -> None:
 
 def test_manifest_of_unknown_kind_is_refused() -> None:
     with pytest.raises(k8s.ManifestError, match="expected a TrainJob or a PyTorchJob"):
-        k8s.submit_and_wait({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}}, api=FakeApi(), echo=lambda s: None)
+        k8s_jobs.submit_and_wait({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}}, api=FakeApi(), echo=lambda s: None)
 
 
 # ---- /dev/shm ------------------------------------------------------------------------------------

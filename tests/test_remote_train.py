@@ -17,7 +17,7 @@ import pytest
 from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
 from tests.support.fake_kube import FakeCluster
 from tests.support.images import CLASSES, write_split
-from imlt.trainer import k8s, remote_train, steps, storage
+from imlt.trainer import k8s, k8s_jobs, remote_train, steps, storage
 from imlt.trainer.config import load_config
 from imlt.trainer.remote_train import RemoteTrainInput
 
@@ -97,7 +97,7 @@ def test_failed_pytorchjob_raises_with_the_jobs_message_and_shows_the_log(tmp_pa
     inp = _input(str(tmp_path / "model"), {**datasets, "train": missing}, legacy_pytorchjob=True, oss_secret=None)
     lines: list[str] = []
     with FakeCluster(tmp_path) as cluster:
-        with pytest.raises(k8s.JobFailed) as err:
+        with pytest.raises(k8s_jobs.JobFailed) as err:
             remote_train.submit_training(inp, api=cluster, core_api=cluster, log=lines.append)
         (job,) = cluster.jobs.values()
     name = job.obj["metadata"]["name"]
@@ -109,7 +109,7 @@ def test_failed_pytorchjob_raises_with_the_jobs_message_and_shows_the_log(tmp_pa
 
 def test_missing_secret_fails_with_the_kubelets_reason(tmp_path: Path, datasets: dict[str, str]) -> None:
     inp = _input(str(tmp_path / "model"), datasets, oss_secret="oss-credentials")
-    with FakeCluster(tmp_path, secrets={}) as cluster, pytest.raises(k8s.JobFailed, match="secret 'oss-credentials' has no key 'OSS_ACCESS_KEY_ID'"):
+    with FakeCluster(tmp_path, secrets={}) as cluster, pytest.raises(k8s_jobs.JobFailed, match="secret 'oss-credentials' has no key 'OSS_ACCESS_KEY_ID'"):
         remote_train.submit_training(inp, api=cluster, core_api=cluster, log=lambda _: None)
 
 
@@ -129,7 +129,7 @@ def test_cancel_deletes_the_job_and_stops_its_pods(tmp_path: Path, datasets: dic
             return started
 
     with Watching(tmp_path) as cluster:
-        with pytest.raises(k8s.JobCancelled):
+        with pytest.raises(k8s_jobs.JobCancelled):
             remote_train.submit_training(inp, api=cluster, core_api=cluster, log=echo, cancel=cancel)
         assert cluster.creates == 1 and cluster.deletes == 1 and not cluster.jobs
         assert started and all(pod.exit_code is not None for pod in started)  # its pods are gone too

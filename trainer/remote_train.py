@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from imlt.trainer import k8s, storage
+from imlt.trainer import k8s, k8s_jobs, storage
 from imlt.trainer.config import RunConfig
 from imlt.trainer.model_files import CONFIG as CONFIG_FILE, HISTORY as HISTORY_FILE, USAGE as USAGE_FILE, WEIGHTS as WEIGHTS_FILE
 from imlt.trainer.step_models import RemoteTrainInput, TrainOutput
@@ -201,7 +201,7 @@ def start_training(inp: RemoteTrainInput, api: Any, *, echo: Echo = print) -> Jo
     resumes from its last checkpoint); a running or finished one is kept.
     """
     manifest = prepare_job(inp, echo)
-    k8s.create_or_attach(manifest, api=api, echo=echo, poll_seconds=inp.poll_seconds)
+    k8s_jobs.create_or_attach(manifest, api=api, echo=echo, poll_seconds=inp.poll_seconds)
     return ref_of(manifest)
 
 
@@ -215,15 +215,15 @@ def submit_training(
 ) -> TrainOutput:
     """Train as a Kubernetes job and wait for it; node 0's log goes to `log` as it is written.
 
-    Raises trainer.k8s.JobFailed with the job's reason and message, JobCancelled (after
+    Raises trainer.k8s_jobs.JobFailed with the job's reason and message, JobCancelled (after
     deleting the job) when `cancel` is set, JobTimeout after inp.timeout_seconds.
     """
     if api is None:
         api, own_core = kube_clients()
         core_api = core_api if core_api is not None else own_core
     manifest = prepare_job(inp, log)
-    logs = k8s.pod_log_source(core_api) if core_api is not None else None
-    k8s.submit_and_wait(manifest, api=api, poll_seconds=inp.poll_seconds, timeout=inp.timeout_seconds,
+    logs = k8s_jobs.pod_log_source(core_api) if core_api is not None else None
+    k8s_jobs.submit_and_wait(manifest, api=api, poll_seconds=inp.poll_seconds, timeout=inp.timeout_seconds,
                         log=logs, echo=log, cancel=cancel)
     return collect_output(inp.config)
 
@@ -243,7 +243,7 @@ def job_state(name: str, namespace: str, api: Any, *, legacy: bool = False) -> t
         if getattr(e, "status", None) == 404:
             return "failed", f"{kind} {namespace}/{name} no longer exists (deleted before it finished)"
         raise
-    return k8s.job_state(obj)
+    return k8s_jobs.job_state(obj)
 
 
 def delete_job(name: str, namespace: str, api: Any, *, legacy: bool = False) -> bool:
@@ -261,7 +261,7 @@ def delete_job(name: str, namespace: str, api: Any, *, legacy: bool = False) -> 
 def node0_log(name: str, namespace: str, core_api: Any, *, legacy: bool = False) -> str:
     """The log of the job's first node so far ('' while its pod is not running yet)."""
     kind = _api(legacy)[3]
-    return k8s.pod_log_source(core_api)({"kind": kind, "metadata": {"name": name, "namespace": namespace}})
+    return k8s_jobs.pod_log_source(core_api)({"kind": kind, "metadata": {"name": name, "namespace": namespace}})
 
 
 def tail(text: str, lines: int = 50) -> str:

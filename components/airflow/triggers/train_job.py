@@ -78,7 +78,7 @@ class TrainJobTrigger(BaseTrigger):
                              "log_tail": tail(log, self.log_lines)})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from imlt.trainer import k8s, remote_train
+        from imlt.trainer import k8s_jobs, remote_train
 
         api, core = await asyncio.to_thread(remote_train.kube_clients, self.kube_config_file, self.kube_context)
         legacy = self.legacy_pytorchjob
@@ -86,7 +86,7 @@ class TrainJobTrigger(BaseTrigger):
         def node0(_: dict[str, Any]) -> str:
             return remote_train.node0_log(self.name, self.namespace, core, legacy=legacy)
 
-        logs = k8s.LogTail(node0, self.log.info)
+        logs = k8s_jobs.LogTail(node0, self.log.info)
         errors = 0
         self.log.info("waiting for %s", self._what)
         while True:
