@@ -340,8 +340,9 @@ def test_imlt_train_builds_the_torchrun_command_for_this_node(tmp_path: Path, mo
     assert started == [[
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "2",
         "--node-rank", "1", "--master-addr", "10.1.2.3", "--master-port", "29600", "-m", "imlt.trainer.cli", "train",
-        "--train-dataset", "ds", "--output-dir", str(tmp_path), "--backbone", "resnet18", "--lr", "0.01", "--no-resume",
-        "--set", "compute.mode=distributed", "--nproc-per-node", "2", "--nnodes", "2",
+        # the options that reach the workers, in the order `imlt train` declares them
+        "--train-dataset", "ds", "--no-resume", "--output-dir", str(tmp_path), "--backbone", "resnet18", "--lr", "0.01",
+        "--nnodes", "2", "--nproc-per-node", "2", "--set", "compute.mode=distributed",
     ]]
     # several nodes in standalone mode are refused by the config, before anything starts
     ran = CliRunner().invoke(app, args[:-12] + ["--nnodes", "2", "--master-addr", "h"])

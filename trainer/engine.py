@@ -114,10 +114,11 @@ def run_training(
 
     cfg = resolve_compute(inp.config)
     threads = training_threads(cfg.train.threads, cfg.data.reader_threads)
-    with distributed_session(cfg) as env, torch_threads(threads), \
-            training_lease(ckpt.checkpoint_dir(cfg), env.is_main):
+    with distributed_session(cfg) as env, torch_threads(threads):
+        # built first: a config that cannot train (class count, starting weights) is refused before any write
         trainer = Trainer(cfg, inp.train_dataset, resume=inp.resume, clock=clock, max_seconds=max_seconds, env=env)
-        return trainer.fit()
+        with training_lease(trainer.checkpoint_dir, env.is_main):
+            return trainer.fit()
 
 
 class Trainer:

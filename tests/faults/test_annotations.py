@@ -96,7 +96,7 @@ def test_non_ascii_class_names_round_trip(root: Path, tmp_path: Path) -> None:
     assert ran.exit_code == 0, ran.output
     assert read_classes(str(tmp_path / "ds")) == ["猫", "sobaka собака", "Élan"]
     assert [r.labels for r in read_manifest(str(tmp_path / "ds"))] == [[0], [0], [2], [2]]
-    assert '"猫"' in ran.output  # printed as UTF-8, not escaped
+    assert "猫" in (tmp_path / "ds" / "classes.txt").read_bytes().decode("utf-8")  # stored as UTF-8, not escaped
 
 
 def test_duplicate_lines_are_a_warning_with_both_lines_named(root: Path, tmp_path: Path) -> None:

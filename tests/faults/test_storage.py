@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
-from tests.support.cli import imlt, imlt_cmd, run_imlt, subprocess_env, train_args
+from tests.support.cli import ckpt_dir, imlt, imlt_cmd, run_imlt, subprocess_env, train_args
 from tests.support.images import png_bytes
 from imlt.trainer import storage
 
@@ -246,28 +246,29 @@ def test_second_training_attempt_on_one_folder_stops_naming_the_holder_and_a_dea
     dataset: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "model"
+    lease = ckpt_dir(out) / ".lease"  # the run's lease lives with its checkpoints, not in the model folder
     cmd = imlt_cmd(*train_args(dataset, out, 500), prelude=_SHORT_LEASE)
     first = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not (out / ".lease" / "00000001.json").exists():
+        while not (lease / "00000001.json").exists():
             assert first.poll() is None, "the first attempt ended before taking the lease"
             assert time.monotonic() < deadline
             time.sleep(0.05)
         # a retry while the first attempt still trains: stops at once, naming the holder
         second = run_imlt(*train_args(dataset, out, 500), prelude=_SHORT_LEASE, timeout=120)
         assert second.exit_code == 1, second.output
-        assert f"{out}: in use by {socket.gethostname()}:{first.pid} (training since" in second.output, second.output
+        assert f"{ckpt_dir(out)}: in use by {socket.gethostname()}:{first.pid} (training since" in second.output, second.output
         assert "another attempt is still writing this folder" in second.output
         assert first.poll() is None  # the holder was not disturbed
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert (out / ".lease" / "00000001.json").exists()  # a killed holder cannot release ...
+    assert (lease / "00000001.json").exists()  # a killed holder cannot release ...
 
     # ... but its lease expires: here at once, as its process is gone from this machine (elsewhere after
     # the lease's 60 s); the next attempt takes it over (and stops at its time limit)
     third = run_imlt(*train_args(dataset, out, 500), timeout=300, env=subprocess_env(IMLT_MAX_SECONDS="2"))
     assert third.exit_code == 0, third.output
     assert "took over the expired lease" in third.output, third.output
-    assert not (out / ".lease").exists()  # released at the end
+    assert not lease.exists()  # released at the end
