@@ -139,3 +139,9 @@ def test_card_names_split_unseen_classes_and_gate_without_local_paths() -> None:
     assert "Recall@1 >= 0.5 (`min_recall_at_1`)" in md and "Decision for this version: Recall@1 0.8000" in md
     assert "shorter side is 37 px" in md and "| mean | `[0.485, 0.456, 0.406]` |" in md
     assert "/tmp/" not in md
+
+
+def test_a_passing_report_shows_its_first_warnings_on_top() -> None:
+    page = render_html(result({"a": 24, "b": 2}, warnings=7), split="val")
+    box = page[page.index("class='verdict ok'"):page.index("<h2")]
+    assert "PASSED</span>: no errors, 7 warnings" in box and "First warnings" in box and box.count("<li>") == TOP_ERRORS

@@ -54,6 +54,7 @@ def class_chart_svg(per_class: dict[str, int]) -> str:
     """
     import matplotlib
     from matplotlib.figure import Figure  # not pyplot: no global backend state, safe in threads
+    from matplotlib.ticker import MaxNLocator
 
     with matplotlib.rc_context({"svg.fonttype": "none"}), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "glyph missing" for CJK names: the browser draws the text
@@ -73,6 +74,9 @@ def class_chart_svg(per_class: dict[str, int]) -> str:
             # leave gaps and double bars), 30 bins otherwise
             bins = [b - 0.5 for b in range(lo, hi + 2)] if hi - lo < 60 else 30
             ax.hist(sizes, bins=bins, color="#4a7ebb", edgecolor="white", linewidth=0.5)
+            pad = max(2.0, 0.05 * (hi - lo))  # one size alone would otherwise fill the whole axis
+            ax.set_xlim(max(0.0, lo - 0.5 - pad), hi + 0.5 + pad)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("images in the class")
             ax.set_ylabel("classes")
             ax.set_title(f"Class sizes ({len(per_class)} classes)")
@@ -110,15 +114,16 @@ def _verdict(result: ValidationResult) -> str:
         head = f"<span>PASSED</span>: no errors, {plural(c.warnings, 'warning')}"
     else:
         head = f"<span>FAILED</span>: {plural(c.errors, 'error')}, {plural(c.warnings, 'warning')}"
+    # the errors when there are any (they stop training), else the warnings
+    shown, kind, total = (result.errors, "errors", c.errors) if result.errors else (result.warnings, "warnings", c.warnings)
     items = "".join(f"<li>{html.escape(r.message)} <span class='where'>({_where(r)})</span></li>"
-                    for r in result.errors[:TOP_ERRORS])
+                    for r in shown[:TOP_ERRORS])
     first = ""
     if items:
-        label = "First errors" if c.errors > TOP_ERRORS else "Errors"
-        more = f" <a href='#errors'>All {c.errors} below.</a>" if c.errors > TOP_ERRORS else ""
-        first = f"<div>{label}:{more}</div><ol>{items}</ol>"
-    elif result.warnings:
-        first = f"<div>Training can start; see the <a href='#warnings'>warnings</a>.</div>"
+        label = f"First {kind}" if total > TOP_ERRORS else kind.capitalize()
+        more = f" <a href='#{kind}'>All {total} below.</a>" if total > TOP_ERRORS else ""
+        lead = "Training can start. " if kind == "warnings" else ""
+        first = f"<div>{lead}{label}:{more}</div><ol>{items}</ol>"
     css = "ok" if result.ok else "failed"
     return f"<div class='verdict {css}'><div class='status'>{head}</div>{first}</div>"
 
