@@ -209,13 +209,34 @@ class LossConfig(_Section):
         return self
 
 
+# Defaults that follow the optimiser: (lr, weight_decay). SGD keeps the reference product's
+# lr 0.1 and weight decay 5e-4; AdamW at lr 0.1 diverges, and its decoupled decay wants a
+# smaller coefficient, so it gets PyTorch's lr 1e-3 and the 1e-4 decay the demo's recipe uses.
+OPTIM_DEFAULTS: dict[OptimizerName, tuple[float, float]] = {
+    OptimizerName.SGD: (0.1, 5e-4),
+    OptimizerName.ADAMW: (1e-3, 1e-4),
+}
+
+
 class OptimConfig(_Section):
     optimizer: OptimizerName = Field(OptimizerName.SGD, description="SGD or AdamW; the loss's own parameters (class centres) are trained too")
-    lr: float = Field(0.1, gt=0, description="Peak learning rate")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (default per optimiser: SGD 0.1, AdamW 0.001)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (AdamW ignores it)")
-    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (L2 for SGD, decoupled for AdamW)")
+    weight_decay: float | None = Field(
+        None, ge=0, description="Weight decay, L2 for SGD, decoupled for AdamW (default per optimiser: SGD 5e-4, AdamW 1e-4)"
+    )
     scheduler: Scheduler = Field(Scheduler.COSINE, description="Learning-rate schedule after warm-up: cosine, step or constant")
     warmup_epochs: int = Field(0, ge=0, description="Epochs of linear learning-rate warm-up")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "OptimConfig":
+        """Resolved here, so the config hash and the saved config carry the numbers actually used."""
+        lr, weight_decay = OPTIM_DEFAULTS[self.optimizer]
+        if self.lr is None:
+            object.__setattr__(self, "lr", lr)
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", weight_decay)
+        return self
 
 
 class TrainConfig(_Section):

@@ -53,9 +53,29 @@ def evaluate_model(inp: EvaluateInput) -> EvaluateOutput:
     log.info("evaluation: %s, %d queries (%s)", report.method, report.details["num_queries"], report.details["backend"])
     metrics = report.flat()
     evaluation = report.evaluation()
+    evaluation["dataset"] = _dataset_record(inp.dataset_dir, inp.model_dir)
     write_metrics(inp.output_dir, metrics, inp.ks, title=f"{cfg.model.backbone} on {len(records)} images",
                   evaluation=evaluation)
     return EvaluateOutput(metrics_dir=inp.output_dir, metrics=metrics, evaluation=evaluation)
+
+
+def _dataset_record(dataset_dir: str, model_dir: str) -> dict[str, Any]:
+    """What the metrics were measured on, for the model card: the split and how many of its
+    classes the model never trained on (no path: a card must not carry a temporary folder)."""
+    from imlt.trainer.data.manifest import read_classes, read_summary
+    from imlt.trainer.model_files import CLASSES
+
+    classes = read_classes(dataset_dir)
+    record: dict[str, Any] = {"classes": len(classes)}
+    try:
+        record["split"] = read_summary(dataset_dir).split
+    except FileNotFoundError:  # a dataset folder written by other tools may have no summary
+        record["split"] = None
+    trained_url = storage.join(model_dir, CLASSES)
+    if storage.exists(trained_url):
+        trained = set(storage.read_text(trained_url).splitlines())
+        record["unseen_classes"] = sum(1 for c in classes if c not in trained)
+    return record
 
 
 def write_metrics(output_dir: str, metrics: dict[str, float], ks: Sequence[int], title: str = "Retrieval",

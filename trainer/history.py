@@ -31,6 +31,8 @@ class EpochStats(BaseModel):
     seconds: float = Field(..., description="Wall time spent training this epoch (summed over resumes)")
     images: int
     images_per_second: float
+    val_recall_at_1: float | None = Field(None, description="Recall@1 on the val split after this epoch, when validated")
+    val_map_at_r: float | None = Field(None, description="MAP@R on the val split after this epoch, when validated")
 
 
 class EpochMeter:
@@ -107,37 +109,140 @@ class ProgressLog:
 
 def write_history(output_dir: str, history: list[EpochStats]) -> str:
     url = storage.join(output_dir, HISTORY)
-    storage.write_text(url, json.dumps([h.model_dump() for h in history], indent=2) + "\n")
+    # exclude_none: a run without validation writes the same history.json as before val existed
+    storage.write_text(url, json.dumps([h.model_dump(exclude_none=True) for h in history], indent=2) + "\n")
     return url
 
 
+def best_epoch(history: list[EpochStats]) -> tuple[int, str] | None:
+    """The epoch to mark, and why: best val Recall@1 when validated, else the lowest loss."""
+    validated = [h for h in history if h.val_recall_at_1 is not None]
+    if validated:
+        best = max(validated, key=lambda h: (h.val_recall_at_1, -h.epoch))  # ties: the earliest
+        return best.epoch, f"best val Recall@1 ({best.val_recall_at_1:.4f})"
+    if history:
+        best = min(history, key=lambda h: (h.loss, h.epoch))
+        return best.epoch, f"lowest training loss ({best.loss:.4f}); no val split"
+    return None
+
+
 def plot_training_curve(history: list[EpochStats], url: str) -> None:
-    """Loss (total, metric, classification) and learning rate per epoch, as a PNG at `url`."""
+    """Loss, val Recall@1 / MAP@R (when validated) and learning rate per epoch, as a PNG at `url`."""
+    storage.write_bytes(url, training_curve_png(history))
+
+
+def training_curve_png(history: list[EpochStats]) -> bytes:
     # Figure + Agg canvas directly (not pyplot): no global figure state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 3.5), dpi=100)
+    validated = any(h.val_recall_at_1 is not None for h in history)
+    fig = Figure(figsize=(11 if validated else 8, 3.5), dpi=100)
     FigureCanvasAgg(fig)
-    ax_loss, ax_lr = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if validated else 2)
+    ax_loss, ax_lr = axes[0], axes[-1]
     epochs = [h.epoch for h in history]
     ax_loss.plot(epochs, [h.loss for h in history], marker="o", label="total")
-    ax_loss.plot(epochs, [h.metric_loss for h in history], marker=".", linestyle="--", label="metric")
-    if any(h.classification_loss for h in history):
+    if any(h.classification_loss for h in history):  # else the metric loss is the total: one line
+        ax_loss.plot(epochs, [h.metric_loss for h in history], marker=".", linestyle="--", label="metric")
         ax_loss.plot(epochs, [h.classification_loss for h in history], marker=".", linestyle=":", label="classification")
+        ax_loss.legend()
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("training loss")
-    ax_loss.legend()
+    if validated:
+        ax_val = axes[1]
+        for key, label in (("val_recall_at_1", "Recall@1"), ("val_map_at_r", "MAP@R")):
+            pts = [(h.epoch, getattr(h, key)) for h in history if getattr(h, key) is not None]
+            if pts:
+                ax_val.plot(*zip(*pts), marker="o", label=label)
+        ax_val.set_ylim(0, 1.02)
+        ax_val.set_xlabel("epoch")
+        ax_val.set_ylabel("score")
+        ax_val.set_title("validation (val split)")
+        ax_val.legend()
     ax_lr.plot(epochs, [h.lr for h in history], marker="o", color="tab:green")
     ax_lr.set_xlabel("epoch")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_title("learning rate (last step of epoch)")
-    for ax in (ax_loss, ax_lr):
+    best = best_epoch(history)
+    for ax in axes:
         ax.grid(alpha=0.3)
         if 0 < len(epochs) <= 20:
             ax.set_xticks(epochs)
+        if best is not None:
+            ax.axvline(best[0], color="tab:red", linestyle=":", linewidth=1)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    storage.write_bytes(url, buf.getvalue())
+    return buf.getvalue()
+
+
+# Columns of the per-epoch table, in order, with the header a reader sees.
+_COLUMNS = {
+    "epoch": "epoch", "loss": "loss", "metric_loss": "metric loss", "classification_loss": "classification loss",
+    "val_recall_at_1": "val Recall@1", "val_map_at_r": "val MAP@R", "lr": "learning rate",
+    "seconds": "seconds", "images": "images", "images_per_second": "images/s",
+}
+
+
+def table_columns(history: list[EpochStats]) -> list[str]:
+    """The columns worth showing: none that is always empty or 0, none repeating an earlier one."""
+    rows = [h.model_dump() for h in history]
+    kept: list[str] = []
+    for key in _COLUMNS:
+        values = [r[key] for r in rows]
+        if all(v is None or v == 0 for v in values) and key != "epoch":
+            continue
+        if any(values == [r[k] for r in rows] for k in kept):
+            continue  # e.g. the metric loss is the total when loss.weight = 1
+        kept.append(key)
+    return kept
+
+
+def training_curve_html(history: list[EpochStats] | list[dict[str, Any]], title: str) -> str:
+    """One self-contained page (the PNG embedded): the curves above the per-epoch table, best epoch marked."""
+    import base64
+    import html
+
+    history = [h if isinstance(h, EpochStats) else EpochStats.model_validate(h) for h in history]
+    columns = table_columns(history)
+    best = best_epoch(history)
+    png = base64.b64encode(training_curve_png(history)).decode("ascii") if history else ""
+
+    def cell(key: str, v: Any) -> str:
+        if v is None:
+            return "-"
+        if key in ("loss", "metric_loss", "classification_loss", "val_recall_at_1", "val_map_at_r"):
+            return f"{v:.4f}"
+        if key == "lr":
+            return f"{v:.3g}"
+        if key in ("seconds", "images_per_second"):
+            return f"{v:.1f}"
+        return str(v)
+
+    head = "".join(f"<th>{html.escape(_COLUMNS[c])}</th>" for c in columns)
+    body = "".join(
+        f"<tr{' class=best' if best and h.epoch == best[0] else ''}>"
+        + "".join(f"<td>{cell(c, getattr(h, c))}{' &#9733;' if c == 'epoch' and best and h.epoch == best[0] else ''}</td>"
+                  for c in columns) + "</tr>"
+        for h in history)
+    note = (f"<p>&#9733; Epoch {best[0]}: {html.escape(best[1])}; the dotted red line in the charts.</p>"
+            if best else "<p>No epochs finished.</p>")
+    img = f"<img alt='training curve' src='data:image/png;base64,{png}'>" if png else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em 2em; color: #222; max-width: 1200px; }}
+h1 {{ font-size: 1.4em; }}
+img {{ max-width: 100%; height: auto; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
+tr.best td {{ background: #fff4d6; font-weight: bold; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+{note}
+{img}
+<table><tr>{head}</tr>{body}</table>
+</body></html>
+"""

@@ -121,8 +121,10 @@ def fill_model_artifacts(out: TrainOutput, config: RunConfig, model: Any, traini
         "image_size": config.data.image_size, "config_hash": out.config_hash, "epochs_completed": out.epochs_completed,
         "stopped_early": out.stopped_early, "final_loss": out.final_loss, "instance_minutes": out.instance_minutes,
     })
-    _artifacts.write_text(training_curve.path, _artifacts.html_page(
-        f"Training {config.model.backbone} + {config.loss.name.value}", _artifacts.png_urls(out.model_dir), out.history))
+    from imlt.trainer.history import training_curve_html
+
+    _artifacts.write_text(training_curve.path, training_curve_html(
+        out.history, f"Training {config.model.backbone} + {config.loss.name.value}"))
 
 
 def import_weights(**values: Any) -> str:
