@@ -118,6 +118,8 @@ class OssTestServer:
         self.uploads: dict[str, Upload] = {}
         self.calls: list[Call] = []
         self._faults: list[Fault] = []
+        self._die_after: tuple[int, str] | None = None
+        self._dead = False
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._httpd: ThreadingHTTPServer | None = None
@@ -211,6 +213,21 @@ class OssTestServer:
         """Cut the connection mid-response (after half the body) for the next n `op` requests (on `key`)."""
         with self._lock:
             self._faults.append(Fault("reset", n, op, key=key))
+
+    def die_after(self, n: int, op: str = "GetObject") -> None:
+        """The endpoint dies once n `op` requests were answered: later requests are dropped
+        unanswered and the server stops listening (connections refused), whatever the client's pace."""
+        with self._lock:
+            self._die_after = (n, op)
+
+    def _dying(self, op: str) -> bool:
+        with self._lock:
+            if not self._dead and self._die_after is not None:
+                n, die_op = self._die_after
+                self._dead = op == die_op and sum(1 for c in self.calls if c.op == die_op) > n
+                if self._dead:
+                    threading.Thread(target=self.stop, daemon=True).start()
+            return self._dead
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -315,6 +332,9 @@ class _Handler(BaseHTTPRequestHandler):
         with self.oss._lock:
             self.oss.calls.append(Call(op, bucket, key))
         self.method, self.bucket, self.key, self.query = method, bucket, key, query
+        if self.oss._dying(op):
+            self._abort_connection()
+            return
 
         fault = self.oss._take_fault(op, key)
         self._reset_pending = False
