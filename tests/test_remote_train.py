@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET
 from tests.support.fake_kube import FakeCluster
@@ -193,3 +194,24 @@ def test_kube_clients_come_from_a_kubeconfig(tmp_path: Path) -> None:
     custom, core = remote_train.kube_clients(str(kubeconfig), "t")
     assert type(custom).__name__ == "CustomObjectsApi" and type(core).__name__ == "CoreV1Api"
     assert custom.api_client.configuration.host == "https://127.0.0.1:6443"
+
+
+def _kubeconfig(path: Path, server: str) -> str:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "ctx",
+        "clusters": [{"name": "c", "cluster": {"server": server}}],
+        "contexts": [{"name": "ctx", "context": {"cluster": "c", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+    }))
+    return str(path)
+
+
+def test_clients_are_built_per_kubeconfig_without_touching_the_process_default(tmp_path: Path) -> None:
+    """Two deferred train tasks in one triggerer with different kubeconfigs each reach their own cluster."""
+    kubernetes = pytest.importorskip("kubernetes")
+    default_before = kubernetes.client.Configuration.get_default_copy().host
+    a, _ = remote_train.kube_clients(_kubeconfig(tmp_path / "a.yaml", "https://cluster-a.example:6443"))
+    b, core_b = remote_train.kube_clients(_kubeconfig(tmp_path / "b.yaml", "https://cluster-b.example:6443"))
+    assert a.api_client.configuration.host == "https://cluster-a.example:6443"
+    assert b.api_client.configuration.host == core_b.api_client.configuration.host == "https://cluster-b.example:6443"
+    assert kubernetes.client.Configuration.get_default_copy().host == default_before

@@ -80,7 +80,7 @@ class JobRef(BaseModel):
 
 
 def kube_clients(config_file: str | None = None, context: str | None = None) -> tuple[Any, Any]:
-    """(CustomObjectsApi, CoreV1Api) of the `kubernetes` client, configured on first use.
+    """(CustomObjectsApi, CoreV1Api) of the `kubernetes` client for one cluster, on a client of their own.
 
     In a pod: the service account (load_incluster_config); elsewhere, or when a config file or
     context is named: the kubeconfig (load_kube_config).
@@ -92,14 +92,17 @@ def kube_clients(config_file: str | None = None, context: str | None = None) -> 
             "submitting training to Kubernetes needs the kubernetes Python client (pip install kubernetes); "
             "it is in the `kfp` extra"
         ) from e
+    # Each call builds its own ApiClient: loading into the process-wide default configuration would
+    # let two deferred tasks in one triggerer, with different kubeconfigs, reach each other's cluster.
     if config_file is None and context is None:
         try:
-            config.load_incluster_config()
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            api_client = client.ApiClient(configuration)
         except config.ConfigException:
-            config.load_kube_config()
+            api_client = config.new_client_from_config()
     else:
-        config.load_kube_config(config_file=config_file, context=context)
-    api_client = client.ApiClient()
+        api_client = config.new_client_from_config(config_file=config_file, context=context)
     return client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
 
 
