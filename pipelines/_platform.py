@@ -64,10 +64,10 @@ def mount_shm(task: dsl.PipelineTask, memory_limit: str) -> dsl.PipelineTask:
 
 def retry_when_safe(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """Retry a task whose second attempt cannot do harm: its outputs are a function of its
-    inputs (read, validate, evaluate), or it resumes from its checkpoints (train, with a fixed
-    train_output_dir) or re-attaches to its job (train_on_kubernetes: the job name is
-    deterministic). Publish is not retried: a second attempt after a lost response could
-    publish the same model as a new version."""
+    inputs (read, validate, evaluate), it resumes from its checkpoints (train, with a fixed
+    train_output_dir), it re-attaches to its job (train_on_kubernetes: the job name is
+    deterministic), or it is idempotent (publish: a second attempt finds the version its first
+    one wrote, by the model's publish key, and returns it instead of publishing again)."""
     return task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
 
 

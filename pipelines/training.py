@@ -111,7 +111,7 @@ def build_training_pipeline(
 
         for task in (train_read, val_read, train_check, val_check, released):
             set_step_resources(task)
-        for task in (train_read, val_read, train_check, val_check, trained, scored):
+        for task in (train_read, val_read, train_check, val_check, trained, scored, released):
             retry_when_safe(task)
         for task in (train_read, val_read, train_check, val_check, trained, scored, released):
             use_oss_secret(task, p["oss_secret_name"])
