@@ -73,9 +73,7 @@ def test_unreachable_endpoint_is_retried_with_backoff_then_fails_clearly(
     monkeypatch.setenv("OSS_ENDPOINT", endpoint)
     caplog.set_level(logging.WARNING, logger="imlt.trainer.storage")
     ann = oss_server.url("set/ann.txt")
-    start = time.monotonic()
     ran = imlt("read-data", "--annotations", ann, "--output-dir", tmp_path / "ds")
-    elapsed = time.monotonic() - start
     assert ran.exit_code == 1, ran.output
     attempts = storage.oss.RETRY_ATTEMPTS
     assert f"{ann}: cannot reach OSS endpoint {endpoint} (ConnectionError) after {attempts} attempts" in ran.output, ran.output
@@ -85,7 +83,6 @@ def test_unreachable_endpoint_is_retried_with_backoff_then_fails_clearly(
         n, delay = int(m.group(3)), float(m.group(5))
         full = min(storage.oss.RETRY_MAX_DELAY, storage.oss.RETRY_BASE_DELAY * 2 ** (n - 1))
         assert full * 0.5 - 0.01 <= delay <= full + 0.01, (n, delay)
-    assert elapsed < 30
 
 
 def test_connection_resets_mid_read_are_retried(oss_server, tmp_path: Path) -> None:

@@ -173,14 +173,11 @@ def test_time_limit_checkpoints_and_stops_cleanly(
     out = tmp_path / "model"
     epochs = 40  # far more than fit in the limit
     monkeypatch.setenv("IMLT_MAX_SECONDS", "1")
-    start = time.monotonic()
     ran = imlt(*train_args(dataset, out, epochs))
-    elapsed = time.monotonic() - start
     assert ran.exit_code == 0, ran.output  # a clean stop, not a failure
     assert "time limit of 1 s reached: checkpointing and stopping" in caplog.text  # a warning on stderr
     result = ran.json()
     assert result["stopped_early"] and result["epochs_completed"] < epochs
-    assert elapsed < 60
     state = assert_finite_checkpoint(latest_checkpoint(out))
     assert state["epoch"] == result["epochs_completed"] and state["global_step"] > 0
     assert len(result["history"]) == result["epochs_completed"]
