@@ -110,20 +110,23 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The mean over ranks of a tensor every rank holds (e.g. its batch's losses), on every rank."""
+def _all_reduced(values: torch.Tensor, op: Any) -> torch.Tensor:
+    """A copy of `values` all-reduced with `op` over the ranks (the tensor itself in one process)."""
     if not _active():
         return values
     values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / dist.get_world_size()
+    dist.all_reduce(values, op=op)
+    return values
 
 
-@torch.no_grad()
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor every rank holds (e.g. its batch's losses), on every rank."""
+    return _all_reduced(values, dist.ReduceOp.SUM) / (dist.get_world_size() if _active() else 1)
+
+
 def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
     """The elementwise maximum over ranks, on every rank; no gradient flows through it."""
-    if not _active():
-        return values
+    return _all_reduced(values, dist.ReduceOp.MAX)
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values

@@ -91,29 +91,15 @@ def _is_unit(x: np.ndarray, block: int = 65536) -> bool:
                for b in range(0, len(x), block))
 
 
-def retrieval_metrics(
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    ks: Sequence[int] = (1, 2, 4, 8),
-    chunk_size: int = 2048,
-    *,
-    index: str | ApproximateIndex = "exact",
-    queries: Sequence[int] | np.ndarray | None = None,
-    backend: str = "faiss",
-) -> dict[str, float]:
-    """Recall@K for each K, MAP@R, and the counts they are averaged over.
+def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 2, 4, 8), **search: Any) -> dict[str, float]:
+    """Recall@K for each K, MAP@R, and the counts they are averaged over (the means of per_query_metrics).
 
     Returns {"recall_at_<K>": ..., "map_at_r": ..., "num_queries": int, "num_classes": int};
-    num_classes counts the classes that have queries (two or more samples).
-
-    index: "exact" (default), or "hnsw"/"ivf"/an ApproximateIndex for large sets.
-    queries: indices of the samples to use as queries (default: all); every sample stays in
-    the gallery. Samples without a same-class partner are left out as usual.
-    backend: exact search by "faiss" (CPU, or faiss GPU where installed), "torch" (chunked
-    matmul + topk in reduced precision with exact fp32 re-ranking; the GPU path) or "auto".
+    num_classes counts the classes that have queries (two or more samples). `search`: the
+    keywords of per_query_metrics (chunk_size, index, queries, backend); faiss searches on the CPU.
     """
-    per = per_query_metrics(embeddings, labels, ks, chunk_size, index=index, queries=queries, backend=backend, device="cpu" if backend == "faiss" else "auto")
-    return per.summary()
+    search.setdefault("device", "cpu" if search.get("backend", "faiss") == "faiss" else "auto")
+    return per_query_metrics(embeddings, labels, ks, **search).summary()
 
 
 @dataclass(frozen=True)
@@ -146,8 +132,13 @@ def per_query_metrics(
     device: str = "auto",
     copy: bool = True,
 ) -> PerQuery:
-    """retrieval_metrics, keeping every query's hit flags and AP@R (for confidence intervals).
+    """Each query's hit flags and AP@R (retrieval_metrics are their means; intervals come from them).
 
+    index: "exact" (default), or "hnsw"/"ivf"/an ApproximateIndex for large sets.
+    queries: indices of the samples to use as queries (default: all); every sample stays in
+    the gallery. Samples without a same-class partner are left out as usual.
+    backend: exact search by "faiss" (CPU, or faiss GPU where installed), "torch" (chunked
+    matmul + topk in reduced precision with exact fp32 re-ranking; the GPU path) or "auto".
     copy=False: unit-length float32 rows are searched in place rather than normalised into a copy.
     """
     x, y = _check_inputs(embeddings, labels, ks, chunk_size, copy=copy)
