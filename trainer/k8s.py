@@ -24,6 +24,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from imlt.trainer.config import INSTANCE_TYPES, ComputeConfig, RunConfig, canonical_json
 
 TRAINJOB_API = ("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
@@ -201,6 +203,22 @@ def _common(cfg: RunConfig, image: str, command: Sequence[str], resources: dict[
     return list(command), res, gpus
 
 
+class JobOptions(BaseModel):
+    """What a TrainJob and a PyTorchJob are rendered with besides the config, image and command."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    oss_secret: str | None = Field("oss-credentials", description="Secret whose keys become the OSS_* variables; None: none")
+    namespace: str = "default"
+    name: str | None = Field(None, description="Job name; default: derived from the run (deterministic, so a retry re-attaches)")
+    name_prefix: str = "imlt"
+    resources: dict[str, str | int] | None = Field(None, description="Per-node requests = limits, over the instance type's")
+    gpu_label: str = Field(DEFAULT_GPU_LABEL, description="Node label that carries the GPU type")
+    node_selector: dict[str, str] | None = None
+    extra_env: dict[str, str] | None = None
+    deadline_grace_seconds: int = DEADLINE_GRACE_SECONDS
+
+
 # ------------------------------------------------------------------------------------------------
 # Kubeflow Trainer v2 TrainJob
 # ------------------------------------------------------------------------------------------------
@@ -211,23 +229,16 @@ def render_trainjob(
     *,
     image: str,
     command: list[str],
-    oss_secret: str | None = "oss-credentials",
-    namespace: str = "default",
     runtime: str = "torch-distributed",
-    name: str | None = None,
-    name_prefix: str = "imlt",
-    resources: dict[str, str | int] | None = None,
-    gpu_label: str = DEFAULT_GPU_LABEL,
-    node_selector: dict[str, str] | None = None,
-    extra_env: dict[str, str] | None = None,
-    deadline_grace_seconds: int = DEADLINE_GRACE_SECONDS,
+    **options: Any,
 ) -> dict[str, Any]:
     """A TrainJob running `command` on cfg.compute.nnodes nodes x nproc_per_node processes.
 
     The GPU node selector (and a toleration for the GPU taint) go into `runtimePatches`, the
     TrainJob's sanctioned way to patch the runtime's pod template.
     """
-    command, res, gpus = _common(cfg, image, command, resources)
+    o = JobOptions(**options)
+    command, res, gpus = _common(cfg, image, command, o.resources)
     group, version, _, kind = TRAINJOB_API
     trainer: dict[str, Any] = {
         "image": image,
@@ -237,16 +248,16 @@ def render_trainjob(
     }
     if res:
         trainer["resourcesPerNode"] = res
-    env = [{"name": k, "value": v} for k, v in (extra_env or {}).items()] + oss_env(oss_secret)
+    env = [{"name": k, "value": v} for k, v in (o.extra_env or {}).items()] + oss_env(o.oss_secret)
     if env:
         trainer["env"] = env
     spec: dict[str, Any] = {
         "runtimeRef": {"name": runtime, "kind": "ClusterTrainingRuntime", "apiGroup": group},
         "trainer": trainer,
-        "activeDeadlineSeconds": active_deadline_seconds(cfg, deadline_grace_seconds),
+        "activeDeadlineSeconds": active_deadline_seconds(cfg, o.deadline_grace_seconds),
     }
     gpu_type = accelerator(cfg.compute)
-    selector = _node_selector(gpu_label, gpu_type, node_selector)
+    selector = _node_selector(o.gpu_label, gpu_type, o.node_selector)
     # every node's DataLoader workers need more than Kubernetes' 64 MiB /dev/shm
     volume, mount = shm_volume(res.get("limits", {}).get("memory") if res else None)
     pod_spec: dict[str, Any] = {"volumes": [volume], "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": [mount]}]}
@@ -268,8 +279,8 @@ def render_trainjob(
             },
         }
     ]
-    name = name or job_name(cfg, prefix=name_prefix, image=image, command=command)
-    return _stamp({"apiVersion": f"{group}/{version}", "kind": kind, "metadata": _metadata(name, namespace, cfg), "spec": spec})
+    name = o.name or job_name(cfg, prefix=o.name_prefix, image=image, command=command)
+    return _stamp({"apiVersion": f"{group}/{version}", "kind": kind, "metadata": _metadata(name, o.namespace, cfg), "spec": spec})
 
 
 def validate_trainjob(manifest: dict[str, Any]) -> None:
@@ -343,25 +354,18 @@ def render_pytorchjob(
     *,
     image: str,
     command: list[str],
-    oss_secret: str | None = "oss-credentials",
-    namespace: str = "default",
-    name: str | None = None,
-    name_prefix: str = "imlt",
-    resources: dict[str, str | int] | None = None,
-    gpu_label: str = DEFAULT_GPU_LABEL,
-    node_selector: dict[str, str] | None = None,
-    extra_env: dict[str, str] | None = None,
-    deadline_grace_seconds: int = DEADLINE_GRACE_SECONDS,
+    **options: Any,
 ) -> dict[str, Any]:
     """A PyTorchJob: one Master and nnodes - 1 Workers, each running torchrun with nproc_per_node.
 
     restartPolicy Never and backoffLimit 0: a failed run fails; retrying is the orchestrator's
     job (KFP/Airflow retries re-attach or replace it), and the trainer resumes from checkpoints.
     """
-    command, res, gpus = _common(cfg, image, command, resources)
+    o = JobOptions(**options)
+    command, res, gpus = _common(cfg, image, command, o.resources)
     group, version, _, kind = PYTORCHJOB_API
     container: dict[str, Any] = {"name": PYTORCHJOB_CONTAINER, "image": image, "command": command}
-    env = [{"name": k, "value": v} for k, v in (extra_env or {}).items()] + oss_env(oss_secret)
+    env = [{"name": k, "value": v} for k, v in (o.extra_env or {}).items()] + oss_env(o.oss_secret)
     if env:
         container["env"] = env
     if res:
@@ -369,7 +373,7 @@ def render_pytorchjob(
     volume, mount = shm_volume(res.get("limits", {}).get("memory") if res else None)
     container["volumeMounts"] = [mount]
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": [volume]}
-    selector = _node_selector(gpu_label, accelerator(cfg.compute), node_selector)
+    selector = _node_selector(o.gpu_label, accelerator(cfg.compute), o.node_selector)
     if selector:
         pod_spec["nodeSelector"] = selector
     if gpus:
@@ -385,13 +389,13 @@ def render_pytorchjob(
         "nprocPerNode": str(cfg.compute.nproc_per_node),
         "pytorchReplicaSpecs": replicas,
         "runPolicy": {
-            "activeDeadlineSeconds": active_deadline_seconds(cfg, deadline_grace_seconds),
+            "activeDeadlineSeconds": active_deadline_seconds(cfg, o.deadline_grace_seconds),
             "backoffLimit": 0,
             "cleanPodPolicy": "None",  # keep finished pods so their logs can still be read
         },
     }
-    name = name or job_name(cfg, prefix=name_prefix, image=image, command=command)
-    return _stamp({"apiVersion": f"{group}/{version}", "kind": kind, "metadata": _metadata(name, namespace, cfg), "spec": spec})
+    name = o.name or job_name(cfg, prefix=o.name_prefix, image=image, command=command)
+    return _stamp({"apiVersion": f"{group}/{version}", "kind": kind, "metadata": _metadata(name, o.namespace, cfg), "spec": spec})
 
 
 # ------------------------------------------------------------------------------------------------
