@@ -26,7 +26,8 @@ from imlt.trainer.config import BACKBONES, ConfigError, ModelConfig, validate_co
 from imlt.trainer.engine import run_training
 from imlt.trainer.model import build_model
 from imlt.trainer.steps import ImportWeightsInput, TrainInput, import_weights
-from imlt.trainer.weights import PRETRAINED_RECORD, PretrainedError, WeightsUnavailableError, resolve, timm_tag
+from imlt.trainer.model_files import PRETRAINED as PRETRAINED_RECORD
+from imlt.trainer.weights import PretrainedError, WeightsUnavailableError, resolve, timm_tag
 from tests.support.images import write_colour_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ from torch import nn
 from imlt.trainer import storage
 from imlt.trainer import weights as weights_mod
 from imlt.trainer.config import ModelConfig, RunConfig, timm_name, validate_config
-from imlt.trainer.model_files import CLASSES, CONFIG, WEIGHTS
-from imlt.trainer.weights import PRETRAINED_RECORD, PretrainedError, ResolvedWeights, WeightsSource, preview
+from imlt.trainer.model_files import CLASSES, CONFIG, PRETRAINED, WEIGHTS
+from imlt.trainer.weights import PretrainedError, ResolvedWeights, WeightsSource, preview
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def save_embedding_model(model: EmbeddingModel, cfg: RunConfig, model_dir: str, 
     storage.write_text(storage.join(model_dir, CLASSES), "".join(c + "\n" for c in classes))
     record = getattr(inner, "pretrained", None)
     if isinstance(record, PretrainedRecord):  # where the starting weights came from, for the model card
-        storage.write_text(storage.join(model_dir, PRETRAINED_RECORD), json.dumps(record.dump(), indent=2) + "\n")
+        storage.write_text(storage.join(model_dir, PRETRAINED), json.dumps(record.dump(), indent=2) + "\n")
 
 
 def load_embedding_model(model_dir: str) -> tuple[EmbeddingModel, RunConfig]:

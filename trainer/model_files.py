@@ -9,6 +9,7 @@ model server); each published version holds the same files plus the exports and 
     history.json        per-epoch training numbers
     training_curve.png  the same as a plot
     usage.json          billing-style usage of the run
+    pretrained.json     where the starting weights came from and how they loaded (when there were any)
     model.ts, model.onnx, model_card.json, MODEL_CARD.md   (published versions)
 
 Checkpoints are not in it: they live in their own folder (trainer.checkpoint), so the model
@@ -21,6 +22,7 @@ CLASSES = "classes.txt"
 HISTORY = "history.json"
 CURVE = "training_curve.png"
 USAGE = "usage.json"
+PRETRAINED = "pretrained.json"
 TORCHSCRIPT = "model.ts"
 ONNX = "model.onnx"
 CARD_JSON = "model_card.json"

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from imlt.trainer import storage
-from imlt.trainer.model_files import CARD_JSON, CARD_MD, CLASSES, CONFIG, ONNX, TORCHSCRIPT, USAGE, WEIGHTS
+from imlt.trainer.model_files import CARD_JSON, CARD_MD, CLASSES, CONFIG, ONNX, PRETRAINED, TORCHSCRIPT, USAGE, WEIGHTS
 from imlt.trainer.step_models import PublishInput, PublishOutput
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ def model_card(
         "num_classes": len(classes),
         "data": _without_local_paths(summary),
         "usage": usage,
-        "pretrained": json.loads(storage.read_text(p)) if storage.exists(p := storage.join(inp.model_dir, "pretrained.json")) else None,
+        "pretrained": json.loads(storage.read_text(p)) if storage.exists(p := storage.join(inp.model_dir, PRETRAINED)) else None,
         "config": _without_local_paths(config),
         "export_check": {"batches": list(CHECK_BATCHES), "tolerance": EXPORT_TOLERANCE, "max_abs_diff": export_diffs},
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from imlt.trainer.config import BACKBONES, ConfigError, timm_name
+from imlt.trainer.model_files import WEIGHTS  # an import-weights folder holds the weights under the model's name
 from imlt.trainer.weight_specs import DEFAULT, HF_PREFIX, spec_kind
 from imlt.trainer.weight_specs import timm_tag as _timm_tag
 
@@ -42,9 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
 IMPORT_NOTE = "weights.json"  # beside an imported model.safetensors
-PRETRAINED_RECORD = "pretrained.json"  # in a trained model folder
 # What the Hub holds for timm models, in order of preference (safetensors needs no unpickling).
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -247,8 +246,8 @@ def _resolve_file(url: str) -> ResolvedWeights:
     from imlt.trainer import storage
 
     folder = url
-    if storage.exists(storage.join(url, WEIGHTS_FILE)):  # an import-weights folder
-        url = storage.join(url, WEIGHTS_FILE)
+    if storage.exists(storage.join(url, WEIGHTS)):  # an import-weights folder
+        url = storage.join(url, WEIGHTS)
     else:
         folder = url.rstrip("/").rsplit("/", 1)[0] if "/" in url else "."
     data = storage.read_bytes(url)
@@ -316,7 +315,7 @@ def import_weights(inp: ImportWeightsInput) -> ImportWeightsOutput:
     sha = hashlib.sha256(data).hexdigest()
     note = weights.source.model_copy(update={"sha256": sha, "spec": name})
     dest = inp.destination.rstrip("/")
-    weights_url, note_url = storage.join(dest, WEIGHTS_FILE), storage.join(dest, IMPORT_NOTE)
+    weights_url, note_url = storage.join(dest, WEIGHTS), storage.join(dest, IMPORT_NOTE)
     reused = False
     if storage.exists(note_url):
         try:
