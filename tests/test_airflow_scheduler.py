@@ -25,7 +25,7 @@ DAG_FILE = f"""
 from imlt.components.airflow.dag_factory import retraining_dag
 
 # A deployment's own DAG file: tiny settings as its defaults, the data given when triggering.
-retraining_dag({DAG_ID!r}, schedule=None, backbone="resnet18", pretrained=None, feature_dim=32, image_size=32,
+retraining_dag({DAG_ID!r}, schedule=None, backbone="test_resnet", pretrained=None, feature_dim=8, image_size=16,
                epochs=1, batch_size=8, lr=0.01, reader_threads=0, device="cpu")
 """
 
