@@ -200,3 +200,66 @@ def test_real_val_resume_is_bit_identical(reference, tmp_path: Path, datasets: t
     assert [h["val_map_at_r"] for h in result.history] == [h["val_map_at_r"] for h in ref.history]
     assert same(load_file(out / WEIGHTS), load_file(ref_out / WEIGHTS))
     assert same(load_file(out / LAST / WEIGHTS), load_file(ref_out / LAST / WEIGHTS))
+
+
+# --- 2 gloo processes under torchrun ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_validation_under_torchrun_data_and_model_parallel(tmp_path: Path) -> None:
+    """Rank 0 measures, every rank takes the same best-epoch and early-stop decisions; no deadlock
+    when the run stops early (patience 1), and a model-parallel run SIGTERMed on rank 1 only
+    resumes, with its best-so-far, to the same model as the uninterrupted one."""
+    from tests.test_engine_distributed import WORKER, torchrun
+
+    colours = ["red", "green", "blue", "grey", "yellow"]
+    train_ds = write_colour_dataset(tmp_path / "train", colours, 8)  # 40 images: 5 steps of 8 an epoch
+    val_ds = write_colour_dataset(tmp_path / "val", colours[::-1], 3)
+
+    def raw(name: str, model_parallel: bool = False) -> dict:
+        cfg = raw_config(tmp_path / name, epochs=4, early_stop_patience=1, keep_checkpoints=4)
+        cfg["model"] = {"backbone": "test_resnet", "feature_dim": 16}
+        if model_parallel:
+            cfg["loss"] = {"name": "ModelParallelAMSoftmax"}
+            cfg["compute"] = {"model_type": "model-parallel"}
+        return cfg
+
+    runs = [
+        {"name": "dp", "config": raw("dp"), "dataset": train_ds, "val_dataset": val_ds},
+        {"name": "mp", "config": raw("mp", True), "dataset": train_ds, "val_dataset": val_ds},
+        {"name": "mp-term", "config": raw("mp-term", True), "dataset": train_ds, "val_dataset": val_ds,
+         "sigterm_at_step": {"1": 7}},
+        {"name": "mp-resume", "config": raw("mp-term", True), "dataset": train_ds, "val_dataset": val_ds},
+    ]
+    (tmp_path / "spec.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "out").mkdir()
+    torchrun(WORKER, str(tmp_path / "spec.json"), str(tmp_path / "out"))
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        for name in ("dp", "mp", "mp-resume"):
+            assert "error" not in r[name], f"{name}: {r[name].get('trace')}"
+        assert r["mp-term"]["error"] == "TrainingInterrupted", r["mp-term"].get("trace")
+    for name in ("dp", "mp", "mp-resume"):
+        results = [r[name]["result"] for r in ranks]
+        hist = [[(h["epoch"], h["val_recall_at_1"], h["val_map_at_r"]) for h in res["history"]] for res in results]
+        assert hist[0] == hist[1], name  # every rank took the same numbers and stopped at the same epoch
+        assert all(v is not None for _, v, _ in hist[0])
+        assert results[0]["epochs_completed"] == results[1]["epochs_completed"] == len(hist[0])
+        assert results[0]["stopped_early"] and results[1]["stopped_early"], name  # patience 1 ended it before epoch 4
+        out = tmp_path / ("mp-term" if name == "mp-resume" else name)
+        recalls = [v for _, v, _ in hist[0]]
+        best = 1 + recalls.index(max(recalls))
+        assert same(load_file(out / WEIGHTS), _replicated_model(out, best)), name
+        assert (out / LAST / WEIGHTS).exists()
+    assert [h["val_recall_at_1"] for h in ranks[0]["mp"]["result"]["history"]] == \
+           [h["val_recall_at_1"] for h in ranks[0]["mp-resume"]["result"]["history"]]
+    assert same(load_file(tmp_path / "mp" / WEIGHTS), load_file(tmp_path / "mp-term" / WEIGHTS))
+    assert same(load_file(tmp_path / "mp" / LAST / WEIGHTS), load_file(tmp_path / "mp-term" / LAST / WEIGHTS))
+
+
+def _replicated_model(output_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
+    """The model weights of an epoch checkpoint, plain or sharded (the model is in the replicated part)."""
+    url = Path(f"{output_dir}{ckpt.CHECKPOINTS_SUFFIX}") / ckpt.checkpoint_name(epoch)
+    if url.is_dir():
+        return torch.load(url / ckpt.REPLICATED_FILE, weights_only=True)["model"]
+    return ckpt.load_checkpoint(str(url))["model"]
