@@ -263,3 +263,19 @@ def _replicated_model(output_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
     if url.is_dir():
         return torch.load(url / ckpt.REPLICATED_FILE, weights_only=True)["model"]
     return ckpt.load_checkpoint(str(url))["model"]
+
+
+def test_kfp_val_metrics_artifact_holds_the_best_epoch(reference, tmp_path: Path) -> None:
+    from kfp import dsl
+
+    from imlt.components.kfp._run import fill_model_artifacts
+
+    out, result = reference
+    cfg = validate_config(raw_config(out, keep_checkpoints=3))
+    metrics = dsl.Metrics(uri=str(tmp_path / "val_metrics"))
+    fill_model_artifacts(result, cfg, dsl.Model(uri=str(tmp_path / "model")), dsl.HTML(uri=str(tmp_path / "c.html")),
+                         metrics)
+    recalls = [h["val_recall_at_1"] for h in result.history]
+    best = recalls.index(max(recalls))
+    assert metrics.metadata == {"recall_at_1": recalls[best], "map_at_r": result.history[best]["val_map_at_r"],
+                                "best_epoch": best + 1}
