@@ -231,6 +231,7 @@ class Trainer:
         self.meter = EpochMeter()
         self.prior_wall_seconds = 0.0
         self.stop_reason = StopReason.NONE
+        self._saved: str | None = None  # the URL this process last checkpointed to
         # best epoch by val Recall@1 so far: (epoch, Recall@1), its weights (CPU copies), validations since
         self.best_epoch = 0
         self.best_recall = -1.0
@@ -274,7 +275,8 @@ class Trainer:
                 if self.epoch % every == 0 or self.epoch == epochs or self.stop_reason or self.patience_exhausted:
                     self.save_checkpoint()
         if self.stop_reason == StopReason.SIGTERM and self.epoch < epochs:
-            latest = self.latest_checkpoint()
+            # the checkpoint just written, not a listing: rank 0's lease release may be changing the folder meanwhile
+            latest = self._saved or self.latest_checkpoint()
             raise TrainingInterrupted(
                 f"stopped by SIGTERM at epoch {self.epoch + 1}, batch {self.batch}; checkpoint {latest}; "
                 "run again with resume to continue",
@@ -477,6 +479,7 @@ class Trainer:
                 ckpt.delete_checkpoint(old)
             log.info("checkpoint %s (global step %d)", url, self.global_step)
         barrier()
+        self._saved = url
         return url
 
     def load_checkpoint(self, url: str) -> None:
