@@ -84,7 +84,8 @@ def run_one(run: dict, rank: int, state: dict) -> dict:
         kwargs = {"clock": lambda: float(state["steps"]), "max_seconds": float(limit)}
     cfg = validate_config(run["config"])
     try:
-        result = engine.run_training(TrainInput(config=cfg, train_dataset=run["dataset"]), **kwargs)
+        inp = TrainInput(config=cfg, train_dataset=run["dataset"], val_dataset=run.get("val_dataset"))
+        result = engine.run_training(inp, **kwargs)
         return {"losses": state["losses"], "result": result.model_dump()}
     except Exception as e:  # recorded for the test to check; a worker crash would hide the others
         return {"losses": state["losses"], "error": type(e).__name__, "message": str(e), "trace": traceback.format_exc()[-3000:]}

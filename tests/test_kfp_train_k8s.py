@@ -34,6 +34,7 @@ def test_component_trains_through_a_job_and_fills_the_model_artifact(tmp_path: P
     with cluster:
         train_on_kubernetes.python_func(
             train_dataset=dsl.Dataset(uri=ds), model=model, training_curve=curve,
+            val_metrics=dsl.Metrics(uri=str(tmp_path / "artifacts" / "val_metrics")),
             output_dir=str(tmp_path / "job-output"), backbone="resnet18", image_size=32, feature_dim=16,
             epochs=1, batch_size=8, reader_threads=0, device="cpu", oss_secret="", namespace="ml",
             poll_seconds=0.2, task_config=task_config,
@@ -60,7 +61,8 @@ def test_component_refuses_to_run_without_an_output_dir(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs output_dir"):
         train_on_kubernetes.python_func(
             train_dataset=dsl.Dataset(uri=str(tmp_path)), model=dsl.Model(uri=str(tmp_path / "m")),
-            training_curve=dsl.HTML(uri=str(tmp_path / "c.html")), backbone="resnet18")
+            training_curve=dsl.HTML(uri=str(tmp_path / "c.html")), val_metrics=dsl.Metrics(uri=str(tmp_path / "v")),
+            backbone="resnet18")
 
 
 def test_component_offers_every_train_input() -> None:

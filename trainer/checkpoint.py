@@ -3,8 +3,9 @@
 Location: their own folder, never inside the model folder (the artifact that evaluate and
 publish download): `train.checkpoint_dir`, by default the model folder's sibling
 `<output_dir>-checkpoints` (local or oss://). Resume looks there. Kept: every epoch
-checkpoint of the last `train.keep_checkpoints` epochs written, plus the best epoch's (lowest
-mean training loss, the one score every run has), plus the newest mid-epoch one.
+checkpoint of the last `train.keep_checkpoints` epochs written, plus the best epoch's (highest
+val Recall@1 when the run validates, else the lowest mean training loss, the one score every run
+has: `epoch_scores`), plus the newest mid-epoch one.
 
 Names: `epoch-0003.ckpt` after three complete epochs; `epoch-0003-batch-000012.ckpt` when a
 run was stopped (SIGTERM, time limit) after 12 batches of the fourth epoch. `latest_checkpoint`
@@ -99,6 +100,13 @@ def stale_checkpoints(
         keep.add(min(scored)[2])
     stale = [url for key, url in found if key[1] > 0 and key < here]
     return stale + [url for _, url in epochs if url not in keep]
+
+
+def epoch_scores(history: list[Any]) -> dict[int, float]:
+    """Per-epoch scores for `stale_checkpoints`, lower is better: minus val Recall@1 over the
+    validated epochs when there are any (unvalidated epochs then never win), else the training loss."""
+    validated = {h.epoch: -h.val_recall_at_1 for h in history if h.val_recall_at_1 is not None}
+    return validated or {h.epoch: h.loss for h in history}
 
 
 def checkpoint_name(epoch: int, batch: int = 0) -> str:

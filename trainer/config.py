@@ -261,6 +261,18 @@ class TrainConfig(_Section):
     max_hours: float = Field(24.0, gt=0, le=24, description="Time limit; on reaching it: checkpoint, then stop")
     device: Device = Field(Device.AUTO, description="auto, cpu or cuda")
     m_per_class: int = Field(0, ge=0, description="If > 0, batches hold M images of each sampled class")
+    validate_every: int = Field(
+        1, gt=0, description="With a val split: measure val Recall@1 and MAP@R every N epochs (and after the last); "
+        "the model written is the best epoch by val Recall@1"
+    )
+    early_stop_patience: int | None = Field(
+        None, gt=0, description="With a val split: stop after N validations in a row without a better val Recall@1; "
+        "default: off"
+    )
+    val_exact_max_samples: int = Field(
+        100_000, gt=0, description="Val splits up to this many images are measured exactly; above, on a seeded "
+        "random sample of queries (the evaluate step's sampled mode; the log states the sample)"
+    )
 
 
 class InstanceType(BaseModel):

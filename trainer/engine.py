@@ -21,8 +21,21 @@ Stopping:
   boundary the loop writes a checkpoint - mid-epoch, holding the batch index - and raises
   `TrainingInterrupted`. Raising (not returning) keeps an orchestrator from taking a half-trained
   run for a finished one; its retry resumes from that checkpoint and continues exactly.
+- Early stopping (`train.early_stop_patience`, with a val split): after that many validations in
+  a row without a better val Recall@1 the loop writes a checkpoint and finishes normally.
 - A NaN/inf loss raises `NonFiniteLossError` naming epoch, batch index and global step before
   any weight is touched; checkpoints already written stay as they were.
+
+Validation (with a val split, every `train.validate_every` epochs and after the last): rank 0
+embeds the val split with the evaluate step's own code (trainer.evaluate.embed,
+trainer.retrieval.evaluate_retrieval: exact, or a stated sample of queries above
+`train.val_exact_max_samples`) and shares Recall@1 and MAP@R with every rank through one
+all-reduce, so every rank takes the same best-epoch and early-stop decisions from the same
+numbers. The best epoch's weights (by val Recall@1, ties to the earliest) are kept in memory and
+in every checkpoint with the patience counter, so a resumed run ends bit-identical to an
+uninterrupted one. The model folder then holds the best epoch; the last epoch's weights sit in its
+`last/` subfolder (trainer.model_files.LAST). The validation forward runs under a forked RNG, so
+training consumes the same random numbers with and without a val split.
 
 Several processes (trainer.compute says how they are started and wrapped):
 - BatchNorm: converted to SyncBatchNorm on CUDA; on CPU (gloo, where SyncBatchNorm does not
@@ -61,7 +74,7 @@ from imlt.trainer.data.stream import build_stream, seed_everything
 from imlt.trainer.device import check_fp16, resolve_device, torch_threads, training_threads
 from imlt.trainer.history import EpochMeter, EpochStats, ProgressLog, plot_training_curve, write_history
 from imlt.trainer.losses import LossOutput, build_loss
-from imlt.trainer.model_files import CONFIG, CURVE, USAGE
+from imlt.trainer.model_files import CONFIG, CURVE, LAST, USAGE
 from imlt.trainer.optim import build_optimizer, build_scheduler
 from imlt.trainer.process_group import DistEnv, local_device
 from imlt.trainer.step_models import TrainInput, TrainOutput
@@ -116,7 +129,8 @@ def run_training(
     threads = training_threads(cfg.train.threads, cfg.data.reader_threads)
     with distributed_session(cfg) as env, torch_threads(threads):
         # built first: a config that cannot train (class count, starting weights) is refused before any write
-        trainer = Trainer(cfg, inp.train_dataset, resume=inp.resume, clock=clock, max_seconds=max_seconds, env=env)
+        trainer = Trainer(cfg, inp.train_dataset, resume=inp.resume, clock=clock, max_seconds=max_seconds, env=env,
+                          val_dataset=inp.val_dataset)
         with training_lease(trainer.checkpoint_dir, env.is_main):
             return trainer.fit()
 
@@ -133,9 +147,11 @@ class Trainer:
         clock: Callable[[], float] | None = None,
         max_seconds: float | None = None,
         env: DistEnv | None = None,
+        val_dataset: str | None = None,
     ) -> None:
         """`env`: this process's rank and world size; with several, the process group must be joined
-        (run_training does both). Default: a single process."""
+        (run_training does both). Default: a single process. `val_dataset`: a read_data folder to
+        validate on (module docstring); None trains as without validation."""
         from imlt.trainer.model import build_model
 
         if not storage.exists(storage.join(train_dataset, MANIFEST)):
@@ -177,6 +193,14 @@ class Trainer:
 
         seed_everything(self.cfg.train.seed)
         records = read_manifest(train_dataset)
+        self.val_dataset = val_dataset
+        self.val_records = None
+        if val_dataset:
+            if not storage.exists(storage.join(val_dataset, MANIFEST)):
+                raise FileNotFoundError(f"val dataset {val_dataset}: no {MANIFEST} (is it a read_data output folder?)")
+            self.val_records = read_manifest(val_dataset)
+            if not self.val_records:
+                raise ValueError(f"{storage.join(val_dataset, MANIFEST)}: the val split is empty")
         check_labels(records, len(self.classes), train_dataset)
         model = build_model(self.cfg.model, self.cfg.data.image_size)
         if self.world_size > 1 and self.device.type == "cuda":
@@ -207,6 +231,12 @@ class Trainer:
         self.meter = EpochMeter()
         self.prior_wall_seconds = 0.0
         self.stop_reason = StopReason.NONE
+        self._saved: str | None = None  # the URL this process last checkpointed to
+        # best epoch by val Recall@1 so far: (epoch, Recall@1), its weights (CPU copies), validations since
+        self.best_epoch = 0
+        self.best_recall = -1.0
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.since_best = 0
         self._term_requested = False
         self._clock_start = self.clock()
         self._wall_start = time.monotonic()
@@ -228,7 +258,7 @@ class Trainer:
         )
         self._log("checkpoints in %s (the last %d epochs and the best)", self.checkpoint_dir, self.cfg.train.keep_checkpoints)
         with sigterm_flag(self._on_sigterm):
-            while self.epoch < epochs and not self.stop_reason:
+            while self.epoch < epochs and not self.stop_reason and not self.patience_exhausted:
                 if not self.train_epoch(self.epoch):
                     self.save_checkpoint()  # stopped mid-epoch: keep the position
                     break
@@ -240,10 +270,13 @@ class Trainer:
                     stats.epoch, epochs, stats.loss, stats.metric_loss, stats.classification_loss,
                     stats.lr, stats.seconds, stats.images_per_second,
                 )
-                if self.epoch % every == 0 or self.epoch == epochs or self.stop_reason:
+                if self.val_records is not None and (self.epoch % self.cfg.train.validate_every == 0 or self.epoch == epochs):
+                    self.validate(stats)
+                if self.epoch % every == 0 or self.epoch == epochs or self.stop_reason or self.patience_exhausted:
                     self.save_checkpoint()
         if self.stop_reason == StopReason.SIGTERM and self.epoch < epochs:
-            latest = self.latest_checkpoint()
+            # the checkpoint just written, not a listing: rank 0's lease release may be changing the folder meanwhile
+            latest = self._saved or self.latest_checkpoint()
             raise TrainingInterrupted(
                 f"stopped by SIGTERM at epoch {self.epoch + 1}, batch {self.batch}; checkpoint {latest}; "
                 "run again with resume to continue",
@@ -278,6 +311,58 @@ class Trainer:
                 if self._stop_requested() and self.batch < self.steps_per_epoch:
                     return False
         return True
+
+    # --- validation -----------------------------------------------------------------------------
+
+    @property
+    def patience_exhausted(self) -> bool:
+        patience = self.cfg.train.early_stop_patience
+        return patience is not None and self.best_weights is not None and self.since_best >= patience
+
+    def validate(self, stats: EpochStats) -> None:
+        """Measure the val split after epoch `stats.epoch`, record it, keep the best weights.
+
+        Every rank calls this: rank 0 embeds and measures, the numbers reach every rank through
+        one all-reduce (the others wait in it), and each rank applies the same decision to them.
+        """
+        values = torch.full((2,), -1.0, dtype=torch.float64, device=self.device)
+        if self.env.is_main:
+            recall, map_r = self._measure_val()
+            values = torch.tensor([recall, map_r], dtype=torch.float64, device=self.device)
+        values = max_across_ranks(values)
+        recall, map_r = float(values[0]), float(values[1])
+        stats.val_recall_at_1, stats.val_map_at_r = recall, map_r
+        if recall > self.best_recall:
+            self.best_epoch, self.best_recall, self.since_best = stats.epoch, recall, 0
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in unwrap(self.model).state_dict().items()}
+        else:
+            self.since_best += 1
+        self._log(
+            "epoch %d/%d: val Recall@1 %.4f, MAP@R %.4f (best %.4f at epoch %d)",
+            stats.epoch, self.cfg.train.epochs, recall, map_r, self.best_recall, self.best_epoch,
+        )
+        if self.patience_exhausted:
+            self._log("early stop: no better val Recall@1 in %d validations; best epoch %d (Recall@1 %.4f)",
+                      self.since_best, self.best_epoch, self.best_recall, level=logging.WARNING)
+
+    def _measure_val(self) -> tuple[float, float]:
+        """Recall@1 and MAP@R of the current weights on the val split (rank 0 only)."""
+        from imlt.trainer.evaluate import embed
+        from imlt.trainer.retrieval import EvaluationSettings, evaluate_retrieval
+
+        assert self.val_records is not None
+        # forked RNG: the data loader draws its base seed from the global generator; training must not notice
+        with torch.random.fork_rng(devices=[]):
+            embeddings, labels = embed(unwrap(self.model), self.val_records, self.cfg.data.image_size,
+                                       self.cfg.train.batch_size, self.cfg.data.reader_threads, self.device)
+        settings = EvaluationSettings(exact_max_samples=self.cfg.train.val_exact_max_samples,
+                                      seed=self.cfg.train.seed, device=self.device.type)
+        report = evaluate_retrieval(embeddings, labels, ks=(1,), settings=settings, copy=False)
+        metrics = report.flat()
+        if report.method != "exact":
+            log.info("val: %s on %d of %d queries (seed %d)", report.method, report.details["num_queries"],
+                     report.details["num_eligible_queries"], self.cfg.train.seed)
+        return float(metrics["recall_at_1"]), float(metrics["map_at_r"])
 
     def set_train_mode(self) -> None:
         """Put the modules in training mode at the start of an epoch (a hook: e.g. frozen BatchNorm)."""
@@ -365,6 +450,8 @@ class Trainer:
             "rng": {**ckpt.capture_rng_state(), "loader": self.loader.generator.get_state()},
             "meter": self.meter.state_dict(),
             "history": [h.model_dump() for h in self.history],
+            "best": {"epoch": self.best_epoch, "recall_at_1": self.best_recall, "since_best": self.since_best,
+                     "weights": self.best_weights if self.best_weights is not None else {}},
             "wall_seconds": self.wall_seconds,
             "config_hash": self.cfg.config_hash(),
             "config": self.cfg.model_dump(mode="json"),
@@ -387,11 +474,12 @@ class Trainer:
             ckpt.save_checkpoint(url, self.state_dict())
         if self.env.is_main:
             found = ckpt.list_checkpoints(self.checkpoint_dir)
-            losses = {h.epoch: h.loss for h in self.history}
-            for old in ckpt.stale_checkpoints(found, (self.epoch, self.batch), self.cfg.train.keep_checkpoints, losses):
+            for old in ckpt.stale_checkpoints(found, (self.epoch, self.batch), self.cfg.train.keep_checkpoints,
+                                              ckpt.epoch_scores(self.history)):
                 ckpt.delete_checkpoint(old)
             log.info("checkpoint %s (global step %d)", url, self.global_step)
         barrier()
+        self._saved = url
         return url
 
     def load_checkpoint(self, url: str) -> None:
@@ -414,6 +502,11 @@ class Trainer:
         self.epoch, self.batch, self.global_step = state["epoch"], state["batch"], state["global_step"]
         self.meter.load_state_dict(state["meter"])
         self.history = [EpochStats.model_validate(h) for h in state["history"]]
+        best = state.get("best") or {}  # absent in checkpoints written before validation existed
+        self.best_epoch = int(best.get("epoch", 0))
+        self.best_recall = float(best.get("recall_at_1", -1.0))
+        self.since_best = int(best.get("since_best", 0))
+        self.best_weights = dict(best["weights"]) if best.get("weights") else None
         self.prior_wall_seconds = float(state["wall_seconds"])
 
     def _start_or_resume(self) -> None:
@@ -439,6 +532,10 @@ class Trainer:
         from imlt.trainer.model import save_embedding_model
 
         usage = usage_record(self.wall_seconds, self.cfg, self.device, self.world_size)
+        if self.best_weights is not None:  # validated: the last epoch beside the best, which the folder holds
+            if self.env.is_main:
+                save_embedding_model(unwrap(self.model), self.cfg, storage.join(self.output_dir, LAST), self.classes)
+            unwrap(self.model).load_state_dict(self.best_weights, strict=True)
         if self.env.is_main:
             save_embedding_model(unwrap(self.model), self.cfg, self.output_dir, self.classes)
             write_history(self.output_dir, self.history)

@@ -84,15 +84,16 @@ def run_config(values: dict[str, Any], output_dir: str) -> RunConfig:
 
 
 def train(train_dataset: Any, model: Any, training_curve: Any, val_dataset: Any = None, output_dir: str | None = None,
-          resume: bool = True, **values: Any) -> None:
+          resume: bool = True, val_metrics: Any = None, **values: Any) -> None:
     config = run_config(values, output_dir or model.path)
     out = steps.train(steps.TrainInput(config=config, train_dataset=train_dataset.path,
                                        val_dataset=val_dataset.path if val_dataset is not None else None, resume=resume))
-    fill_model_artifacts(out, config, model, training_curve)
+    fill_model_artifacts(out, config, model, training_curve, val_metrics)
 
 
 def train_on_kubernetes(train_dataset: Any, model: Any, training_curve: Any, val_dataset: Any = None,
-                        output_dir: str | None = None, task_config: Any = None, **values: Any) -> None:
+                        output_dir: str | None = None, task_config: Any = None, val_metrics: Any = None,
+                        **values: Any) -> None:
     from imlt.trainer import remote_train
 
     if not output_dir:
@@ -105,10 +106,11 @@ def train_on_kubernetes(train_dataset: Any, model: Any, training_curve: Any, val
         resources=remote_train.flat_resources(task_config.resources if task_config is not None else None),
         node_selector=(task_config.node_selector if task_config is not None else None) or None)
     out = steps.train_remote(inp)
-    fill_model_artifacts(out, config, model, training_curve)
+    fill_model_artifacts(out, config, model, training_curve, val_metrics)
 
 
-def fill_model_artifacts(out: TrainOutput, config: RunConfig, model: Any, training_curve: Any) -> None:
+def fill_model_artifacts(out: TrainOutput, config: RunConfig, model: Any, training_curve: Any,
+                         val_metrics: Any = None) -> None:
     """Copy the model folder into the Model artifact, set its metadata, draw the curve page.
 
     A model trained into an external output_dir is copied into the artifact so that downstream
@@ -121,7 +123,14 @@ def fill_model_artifacts(out: TrainOutput, config: RunConfig, model: Any, traini
         "image_size": config.data.image_size, "config_hash": out.config_hash, "epochs_completed": out.epochs_completed,
         "stopped_early": out.stopped_early, "final_loss": out.final_loss, "instance_minutes": out.instance_minutes,
     })
-    from imlt.trainer.history import training_curve_html
+    from imlt.trainer.history import EpochStats, best_epoch, training_curve_html
+
+    validated = [EpochStats.model_validate(h) for h in out.history if h.get("val_recall_at_1") is not None]
+    if val_metrics is not None and validated:  # the model is the best epoch by val Recall@1: its numbers
+        best = next(h for h in validated if h.epoch == best_epoch(validated)[0])  # type: ignore[index]
+        val_metrics.log_metric("recall_at_1", best.val_recall_at_1)
+        val_metrics.log_metric("map_at_r", best.val_map_at_r)
+        val_metrics.log_metric("best_epoch", best.epoch)
 
     _artifacts.write_text(training_curve.path, training_curve_html(
         out.history, f"Training {config.model.backbone} + {config.loss.name.value}"))

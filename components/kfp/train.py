@@ -14,6 +14,7 @@ TRAIN_INPUTS = [
     Io("train_dataset", "dsl.Input[dsl.Dataset]", "Train split from read_data."),
     Io("model", "dsl.Output[dsl.Model]", "The trained model folder: final weights, checkpoints, resolved config and its hash, per-epoch history, training curve.", output=True),
     Io("training_curve", "dsl.Output[dsl.HTML]", "Loss (and validation Recall@1) per epoch.", output=True),
+    Io("val_metrics", "dsl.Output[dsl.Metrics]", "With a val split: the best epoch's val Recall@1 and MAP@R (recall_at_1, map_at_r, best_epoch); per-epoch lines are in the task log and history.json.", output=True),
     Io("val_dataset", "Optional[dsl.Input[dsl.Dataset]]", "Validation split from read_data; when connected, Recall@1 is tracked per epoch.", default="None"),
     *[kfp_input(p) for p in config_parameters()],
     *[kfp_input(p) for p in model_parameters(TrainInput, ("config", "train_dataset", "val_dataset"))],
