@@ -306,7 +306,7 @@ def test_publish_is_skipped_when_recall_is_below_the_floor(airflow_env: dict[str
     states = result["states"]
     assert states["evaluate"] == "success" and states["better_than_published"] == "success"
     assert states["publish"] == "skipped", states
-    assert "below the floor" in log
+    assert "is below the gate" in log
     dest = Path(conf["destination"])
     assert not dest.exists() or not any(dest.iterdir())
 
