@@ -124,7 +124,8 @@ def test_dag_factory_refuses_a_schedule_without_data_settings(airflow_env: dict[
     assert "refused: DAG 'unset_daily': a scheduled DAG needs train_annotations, val_annotations, destination, output_root" \
         in proc.stdout
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["defaults"] == {"train_annotations": "oss://b/t.txt", "epochs": 3, "backbone": "resnet18", "lr": 0.1,
+    # lr None: the optimiser's own default (RunConfig resolves it)
+    assert out["defaults"] == {"train_annotations": "oss://b/t.txt", "epochs": 3, "backbone": "resnet18", "lr": None,
                                "batch_size": 32}
 
 
