@@ -10,6 +10,9 @@ under test stay the real ones, and the real measurement is exercised by the othe
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import json
 import os
 import signal
@@ -79,6 +82,24 @@ def scripted(monkeypatch: pytest.MonkeyPatch, recalls: list[float]) -> None:
 def reference(tmp_path_factory: pytest.TempPathFactory, datasets: tuple[str, str]):
     out = tmp_path_factory.mktemp("reference") / "model"
     return out, train(out, datasets, keep_checkpoints=3)
+
+
+@contextlib.contextmanager
+def sigterm_at(monkeypatch: pytest.MonkeyPatch, *, epoch: int, batch: int) -> Iterator[None]:
+    """A real SIGTERM to this process right after training step (epoch, batch); the real step again after."""
+    step = Trainer.training_step
+
+    def terminated(self, images, labels, epoch_, batch_index):
+        out = step(self, images, labels, epoch_, batch_index)
+        if (epoch_, batch_index) == (epoch, batch):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "training_step", terminated)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Trainer, "training_step", step)
 
 
 def test_val_metrics_per_epoch_and_best_epoch_is_the_model(reference, caplog: pytest.LogCaptureFixture) -> None:
@@ -156,19 +177,9 @@ def test_sigterm_and_resume_with_val_and_patience_is_bit_identical(
     settings = {"epochs": 5, "early_stop_patience": 3}
     ref = tmp_path / "ref"
     expected = train(ref, datasets, **settings)
-    step = Trainer.training_step
-
-    def terminated(self, images, labels, epoch, batch_index):
-        out = step(self, images, labels, epoch, batch_index)
-        if epoch == 2 and batch_index == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
     out = tmp_path / "stopped"
-    monkeypatch.setattr(Trainer, "training_step", terminated)
-    with pytest.raises(TrainingInterrupted):
+    with sigterm_at(monkeypatch, epoch=2, batch=1), pytest.raises(TrainingInterrupted):
         train(out, datasets, **settings)
-    monkeypatch.setattr(Trainer, "training_step", step)
     result = train(out, datasets, **settings)
     assert expected.stopped_early and expected.epochs_completed == 4
     assert result.history == [{**h, "seconds": r["seconds"], "images_per_second": r["images_per_second"]}
@@ -181,19 +192,9 @@ def test_sigterm_and_resume_with_val_and_patience_is_bit_identical(
 
 def test_real_val_resume_is_bit_identical(reference, tmp_path: Path, datasets: tuple[str, str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    step = Trainer.training_step
-
-    def terminated(self, images, labels, epoch, batch_index):
-        out = step(self, images, labels, epoch, batch_index)
-        if epoch == 1 and batch_index == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
     out = tmp_path / "model"
-    monkeypatch.setattr(Trainer, "training_step", terminated)
-    with pytest.raises(TrainingInterrupted):
+    with sigterm_at(monkeypatch, epoch=1, batch=1), pytest.raises(TrainingInterrupted):
         train(out, datasets, keep_checkpoints=3)
-    monkeypatch.setattr(Trainer, "training_step", step)
     result = train(out, datasets, keep_checkpoints=3)
     ref_out, ref = reference
     assert [h["val_recall_at_1"] for h in result.history] == [h["val_recall_at_1"] for h in ref.history]
