@@ -36,22 +36,12 @@ def _resolve(name: str) -> str | None:
     return None
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node of a module except those under `if TYPE_CHECKING:` (never executed)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
-            continue
-        yield node
-        yield from _runtime_nodes(node)
-
-
 def imports_of(module: str) -> set[str]:
     """Every imlt.trainer module `module` imports anywhere in its body (functions included)."""
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):  # TYPE_CHECKING imports count too
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

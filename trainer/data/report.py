@@ -10,10 +10,8 @@ from __future__ import annotations
 import html
 import io
 import warnings
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # validation imports this module to render its result: no runtime import back
-    from imlt.trainer.data.validation import ProblemEntry, ValidationResult
+from imlt.trainer.data.validation_result import ProblemEntry, ValidationResult
 
 MAX_ROWS = 500  # problems listed per table; the rest are counted (all are in validation.json)
 MAX_BARS = 60  # above this many classes the chart shows the distribution of class sizes

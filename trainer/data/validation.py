@@ -17,12 +17,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from imlt.trainer import storage
 from imlt.trainer.data.annotations import normalize_root
 from imlt.trainer.data.manifest import CLASSES, MANIFEST, ManifestRecord, read_classes
+from imlt.trainer.data.validation_result import Counts, ProblemEntry, ValidationResult
 from imlt.trainer.errors import DataError, Problem, parse_source
 from imlt.trainer.step_models import ValidateInput, ValidateOutput
 
@@ -38,35 +39,6 @@ class ImageCheck:
     error: str | None = None
     mode: str | None = None
     size: tuple[int, int] | None = None
-
-
-class ProblemEntry(BaseModel):
-    file: str
-    line: int | None
-    message: str
-
-
-class Counts(BaseModel):
-    samples: int
-    images: int = Field(..., description="Distinct image URLs")
-    classes: int
-    classes_present: int = Field(..., description="Classes that are the primary label of at least one sample")
-    multi_label_samples: int
-    errors: int
-    warnings: int
-    modes: dict[str, int] = Field(default_factory=dict, description="Decoded images per PIL mode")
-
-
-class ValidationResult(BaseModel):
-    """The content of validation.json."""
-
-    ok: bool
-    dataset_dir: str
-    settings: dict[str, float | int]
-    counts: Counts
-    per_class: dict[str, int] = Field(..., description="Images per class (primary label), in label order")
-    errors: list[ProblemEntry]
-    warnings: list[ProblemEntry]
 
 
 def check_image(uri: str, max_pixels: int) -> ImageCheck:

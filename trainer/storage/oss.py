@@ -190,7 +190,8 @@ def _oss_target(url: str) -> _OssTarget:
             f"{url}: no OSS credentials - set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET "
             "(and OSS_SESSION_TOKEN for STS), or call configure_oss()"
         )
-    remember_secrets(settings)
+    remember_secrets(*(s.get_secret_value() for s in (settings.access_key_id, settings.access_key_secret,
+                                                       settings.session_token) if s is not None))
     akid = settings.access_key_id.get_secret_value()
     secret = settings.access_key_secret.get_secret_value()
     token = settings.session_token.get_secret_value() if settings.session_token else None

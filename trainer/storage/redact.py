@@ -10,20 +10,15 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from imlt.trainer.storage.oss import OssSettings  # oss imports this module: no runtime import back
 
 _secrets_lock = threading.Lock()  # separate from the oss module's lock: scrub() runs inside logging calls
 _secret_values: set[str] = set()  # every credential string seen, for scrubbing
 
 
-def remember_secrets(settings: OssSettings) -> None:
+def remember_secrets(*values: str | None) -> None:
+    """Remember credential strings (the OSS backend passes its key id, secret and token) for `scrub`."""
     with _secrets_lock:
-        for s in (settings.access_key_id, settings.access_key_secret, settings.session_token):
-            if s is not None and len(s.get_secret_value()) >= 4:
-                _secret_values.add(s.get_secret_value())
+        _secret_values.update(v for v in values if v is not None and len(v) >= 4)
 
 
 # Signatures and credential fields as they appear in oss2's debug logs and in OSS error bodies.
