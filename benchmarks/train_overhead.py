@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_overhead                     # resnet18, 32 px glyphs, batch 32
     python -m benchmarks.train_overhead --image-size 64 --epochs 5 --repeats 3
+    python -m benchmarks.train_overhead --threads 2 --validate   # both loops validate after every epoch
 
 Same images (a read_data folder of generated glyphs), same transform
 (trainer.data.transforms.build_train_transform), same network (timm backbone + Linear +
@@ -16,6 +17,12 @@ counted; images/s is averaged over the remaining epochs. Ours reports per-epoch 
 history.json; the bare loop times the same epochs the same way. Each run is a fresh process,
 and ours/bare runs alternate, so drifting machine load hits both; the headline is the ratio of
 the medians.
+
+With --validate both loops measure the 26 unseen glyph classes after every epoch: ours through
+train.val_dataset (the evaluate step's embedding and Recall@1/MAP@R code, history's
+val_seconds), the bare loop by embedding the val files and taking Recall@1 from one matrix
+product. Two ratios then: training images/s alone, and images per second of training plus
+validation (what a user waits for).
 """
 
 from __future__ import annotations
@@ -31,17 +38,21 @@ from benchmarks import _common as C
 MODULE = "benchmarks.train_overhead"
 
 
-def prepare_dataset(root: Path, per_class: int, image_size: int) -> str:
+def prepare_datasets(root: Path, per_class: int, image_size: int) -> tuple[str, str]:
+    """(train, val) read_data folders: 60 glyph classes to train on, 26 unseen ones with half as many images."""
     from imlt.trainer.data.synthetic import generate_glyphs
     from imlt.trainer.steps import ReadDataInput, read_data
 
-    data = generate_glyphs(root / "glyphs", train_per_class=per_class, val_per_class=2, image_size=image_size)
-    out = read_data(ReadDataInput(output_dir=str(root / "train_dataset"), annotations=data.train_annotations,
-                                  class_names=data.train_classes))
-    return out.dataset_dir
+    data = generate_glyphs(root / "glyphs", train_per_class=per_class, val_per_class=max(per_class // 2, 2),
+                           image_size=image_size)
+    train = read_data(ReadDataInput(output_dir=str(root / "train_dataset"), annotations=data.train_annotations,
+                                    class_names=data.train_classes))
+    val = read_data(ReadDataInput(output_dir=str(root / "val_dataset"), annotations=data.val_annotations,
+                                  class_names=data.val_classes, split="val"))
+    return train.dataset_dir, val.dataset_dir
 
 
-def _ours(spec: dict[str, Any]) -> list[float]:
+def _ours(spec: dict[str, Any]) -> list[dict[str, float]]:
     from imlt.trainer.config import validate_config
     from imlt.trainer.engine import run_training
     from imlt.trainer.steps import TrainInput
@@ -53,13 +64,14 @@ def _ours(spec: dict[str, Any]) -> list[float]:
         "loss": {"name": "ArcFace"},
         "optim": {"optimizer": "SGD", "lr": 0.05, "scheduler": "cosine"},
         "train": {"batch_size": spec["batch_size"], "epochs": spec["epochs"], "checkpoint_every": spec["epochs"],
-                  "seed": spec["seed"], "device": spec["device"]},
+                  "seed": spec["seed"], "device": spec["device"], "validate_every": 1},
     })
-    out = run_training(TrainInput(config=cfg, train_dataset=spec["dataset"], resume=False))
-    return [float(h["images_per_second"]) for h in out.history]
+    out = run_training(TrainInput(config=cfg, train_dataset=spec["dataset"], resume=False,
+                                  val_dataset=spec["val"] if spec["validate"] else None))
+    return [{"images": h["images"], "seconds": h["seconds"], "val_seconds": h.get("val_seconds") or 0.0} for h in out.history]
 
 
-def _bare(spec: dict[str, Any]) -> list[float]:
+def _bare(spec: dict[str, Any]) -> list[dict[str, float]]:
     """The minimal loop, written as a user would; nothing from trainer/ except the transform."""
     import math
 
@@ -72,17 +84,16 @@ def _bare(spec: dict[str, Any]) -> list[float]:
     from torch.utils.data import DataLoader, Dataset
 
     from imlt.trainer.data.manifest import read_classes, read_manifest
-    from imlt.trainer.data.transforms import build_train_transform
+    from imlt.trainer.data.transforms import build_eval_transform, build_train_transform
 
     torch.manual_seed(spec["seed"])
     device = torch.device(spec["device"])
-    records = read_manifest(spec["dataset"])
     num_classes = len(read_classes(spec["dataset"]))
 
     class Files(Dataset):
-        def __init__(self) -> None:
-            self.items = [(r.uri, r.labels[0]) for r in records]
-            self.transform = build_train_transform(spec["image_size"])
+        def __init__(self, folder: str, transform: Any) -> None:
+            self.items = [(r.uri, r.labels[0]) for r in read_manifest(folder)]
+            self.transform = transform
 
         def __len__(self) -> int:
             return len(self.items)
@@ -104,12 +115,26 @@ def _bare(spec: dict[str, Any]) -> list[float]:
     model = Net().to(device)
     loss_fn = ArcFaceLoss(num_classes=num_classes, embedding_size=spec["feature_dim"], margin=28.6, scale=64).to(device)
     workers = spec["workers"]
-    loader = DataLoader(Files(), batch_size=spec["batch_size"], shuffle=True, drop_last=True, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    loader = DataLoader(Files(spec["dataset"], build_train_transform(spec["image_size"])), batch_size=spec["batch_size"],
+                        shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=device.type == "cuda")
+    val_loader = DataLoader(Files(spec["val"], build_eval_transform(spec["image_size"])), batch_size=spec["batch_size"],
+                            num_workers=workers)
+
+    def validate() -> float:
+        """Recall@1 on the val split: embed, one similarity matrix, leave-one-out."""
+        model.eval()
+        with torch.no_grad():
+            pairs = [(model(images.to(device)), labels) for images, labels in val_loader]
+        emb, lab = torch.cat([e for e, _ in pairs]), torch.cat([y for _, y in pairs]).to(device)
+        sim = emb @ emb.T
+        sim.fill_diagonal_(-float("inf"))
+        return float((lab[sim.argmax(1)] == lab).float().mean())
+
     optimizer = torch.optim.SGD(list(model.parameters()) + list(loss_fn.parameters()), lr=0.05, momentum=0.9, weight_decay=5e-4)
     total = spec["epochs"] * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
-    speeds = []
+    epochs = []
     for _ in range(spec["epochs"]):
         model.train()
         images_seen = 0
@@ -123,8 +148,12 @@ def _bare(spec: dict[str, Any]) -> list[float]:
             scheduler.step()
             float(loss)  # the loss is logged every step in any real loop (and ours checks it for NaN)
             images_seen += len(labels)
-        speeds.append(images_seen / (time.perf_counter() - start))
-    return speeds
+        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        if spec["validate"]:
+            validate()
+        epochs.append({"images": images_seen, "seconds": seconds, "val_seconds": time.perf_counter() - start})
+    return epochs
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -132,8 +161,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    speeds = _ours(spec) if spec["loop"] == "ours" else _bare(spec)
-    return {"per_epoch": speeds}
+    return {"per_epoch": _ours(spec) if spec["loop"] == "ours" else _bare(spec)}
 
 
 def main() -> None:
@@ -148,6 +176,7 @@ def main() -> None:
                    help="torch threads per run; on a shared box oversubscribed OpenMP threads slow torch 3-5x")
     p.add_argument("--feature-dim", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3, help="Runs of each loop, alternating")
+    p.add_argument("--validate", action="store_true", help="Both loops validate on the unseen classes after every epoch")
     args = p.parse_args()
     if C.child_entry(args, child):
         return
@@ -157,45 +186,52 @@ def main() -> None:
 
     started = time.monotonic()
     info = C.machine_info(args.device)
-    runs: dict[str, list[float]] = {"ours": [], "bare": []}
-    per_epoch: dict[str, list[list[float]]] = {"ours": [], "bare": []}
+    epochs: dict[str, list[list[dict[str, float]]]] = {"ours": [], "bare": []}
     with tempfile.TemporaryDirectory(prefix="imlt-bench-train-") as tmp:
-        C.console.print("[cyan]generating glyphs and reading them into a dataset folder[/]")
-        dataset = prepare_dataset(Path(tmp), args.per_class, args.image_size)
+        C.console.print("[cyan]generating glyphs and reading them into dataset folders[/]")
+        dataset, val = prepare_datasets(Path(tmp), args.per_class, args.image_size)
         base = {
-            "dataset": dataset, "image_size": args.image_size, "workers": args.workers, "backbone": args.backbone,
-            "timm_name": timm_name(args.backbone), "feature_dim": args.feature_dim, "batch_size": args.batch_size,
-            "epochs": args.epochs, "seed": 0, "device": args.device, "threads": args.threads,
+            "dataset": dataset, "val": val, "validate": args.validate, "image_size": args.image_size,
+            "workers": args.workers, "backbone": args.backbone, "timm_name": timm_name(args.backbone),
+            "feature_dim": args.feature_dim, "batch_size": args.batch_size, "epochs": args.epochs, "seed": 0,
+            "device": args.device, "threads": args.threads,
         }
         for rep in range(args.repeats):
             for loop in ("ours", "bare") if rep % 2 == 0 else ("bare", "ours"):
                 C.console.print(f"[cyan]run {rep + 1}/{args.repeats}: {loop}[/]")
                 r = C.run_child(MODULE, {**base, "loop": loop, "output_dir": str(Path(tmp, f"run-{loop}-{rep}"))})
-                steady = r["per_epoch"][1:] or r["per_epoch"]
-                runs[loop].append(statistics.mean(steady))
-                per_epoch[loop].append(r["per_epoch"])
-    ours, bare = statistics.median(runs["ours"]), statistics.median(runs["bare"])
-    columns = ["loop", "median images/s", "vs bare loop", "runs (steady-state images/s)", "per-epoch images/s of run 1"]
-    rows = [
-        ["ours (trainer.engine.run_training = imlt train)", f"{ours:.0f}", C.ratio(ours, bare),
-         ", ".join(f"{v:.0f}" for v in runs["ours"]), ", ".join(f"{v:.0f}" for v in per_epoch["ours"][0])],
-        ["bare loop (timm + PML + DataLoader)", f"{bare:.0f}", "1.00x",
-         ", ".join(f"{v:.0f}" for v in runs["bare"]), ", ".join(f"{v:.0f}" for v in per_epoch["bare"][0])],
-    ]
+                epochs[loop].append(r["per_epoch"])
+
+    def rate(run: list[dict[str, float]], with_val: bool) -> float:
+        """Steady-state images/s of one run (the first epoch left out), validation time included or not."""
+        steady = run[1:] or run
+        return sum(e["images"] for e in steady) / sum(e["seconds"] + (e["val_seconds"] if with_val else 0) for e in steady)
+
+    measures = [("training", False)] + ([("training + validation", True)] if args.validate else [])
+    columns = ["loop", "images/s of", "median images/s", "vs bare loop", "runs (steady-state images/s)"]
+    rows, headlines = [], []
+    for what, with_val in measures:
+        runs = {loop: [rate(r, with_val) for r in epochs[loop]] for loop in epochs}
+        ours, bare = statistics.median(runs["ours"]), statistics.median(runs["bare"])
+        spread = (max(runs["bare"]) - min(runs["bare"])) / bare if bare else 0.0
+        rows += [["ours (trainer.engine.run_training = imlt train)", what, f"{ours:.0f}", C.ratio(ours, bare),
+                  ", ".join(f"{v:.0f}" for v in runs["ours"])],
+                 ["bare loop (timm + PML + DataLoader)", what, f"{bare:.0f}", "1.00x", ", ".join(f"{v:.0f}" for v in runs["bare"])]]
+        headlines.append(f"{what.capitalize()}: our trainer runs at {C.ratio(ours, bare)} the bare loop's images/s "
+                         f"({ours:.0f} vs {bare:.0f}; run-to-run spread of the bare loop itself: {spread:.0%}).")
     C.print_table("Training throughput", columns, rows)
-    spread = (max(runs["bare"]) - min(runs["bare"])) / bare if bare else 0.0
-    headline = (f"Our trainer runs at {C.ratio(ours, bare)} the bare loop's images/s ({ours:.0f} vs {bare:.0f}; "
-                f"run-to-run spread of the bare loop itself: {spread:.0%}).")
-    n_images = 60 * args.per_class
+    validation = (f"validation on the 26 unseen classes ({26 * max(args.per_class // 2, 2)} images) after every epoch in both loops"
+                  if args.validate else "no validation")
     body = (
         f"Work: {args.backbone} + Linear/BN neck to {args.feature_dim}-d, ArcFace (PML), SGD momentum + cosine, "
-        f"{n_images} generated glyph images ({args.image_size} px, 60 classes), batch {args.batch_size}, "
-        f"{args.workers} DataLoader workers, {args.threads} torch threads, {args.epochs} epochs per run, first epoch not counted, "
-        f"{args.repeats} alternating runs of each loop, each in a fresh process.\n\n"
+        f"{60 * args.per_class} generated glyph images ({args.image_size} px, 60 classes), batch {args.batch_size}, "
+        f"{args.workers} DataLoader workers, {args.threads} torch threads, {validation}, {args.epochs} epochs per run, "
+        f"first epoch not counted, {args.repeats} alternating runs of each loop, each in a fresh process.\n\n"
         + C.markdown_table(columns, rows)
     )
-    C.report(args, MODULE, "train", "Training overhead: our trainer vs a bare loop", [headline], body,
-             info=info, started=started)
+    name = "train_val" if args.validate else "train"
+    title = "Training overhead" + (" with validation" if args.validate else "") + ": our trainer vs a bare loop"
+    C.report(args, MODULE, name, title, headlines, body, info=info, started=started)
 
 
 if __name__ == "__main__":

@@ -182,8 +182,9 @@ def test_sigterm_and_resume_with_val_and_patience_is_bit_identical(
         train(out, datasets, **settings)
     result = train(out, datasets, **settings)
     assert expected.stopped_early and expected.epochs_completed == 4
-    assert result.history == [{**h, "seconds": r["seconds"], "images_per_second": r["images_per_second"]}
-                              for h, r in zip(expected.history, result.history)]
+    timing = ("seconds", "images_per_second", "val_seconds")
+    assert result.history == [{**h, **{k: r[k] for k in timing}} for h, r in zip(expected.history, result.history)]
+    assert all(r["val_seconds"] > 0 for r in result.history)
     assert result.stopped_early == expected.stopped_early and result.epochs_completed == 4
     assert same(load_file(out / WEIGHTS), load_file(ref / WEIGHTS))
     assert same(load_file(out / LAST / WEIGHTS), load_file(ref / LAST / WEIGHTS))

@@ -325,6 +325,7 @@ class Trainer:
         Every rank calls this: rank 0 embeds and measures, the numbers reach every rank through
         one all-reduce (the others wait in it), and each rank applies the same decision to them.
         """
+        started = time.perf_counter()
         values = torch.full((2,), -1.0, dtype=torch.float64, device=self.device)
         if self.env.is_main:
             recall, map_r = self._measure_val()
@@ -332,6 +333,7 @@ class Trainer:
         values = max_across_ranks(values)
         recall, map_r = float(values[0]), float(values[1])
         stats.val_recall_at_1, stats.val_map_at_r = recall, map_r
+        stats.val_seconds = time.perf_counter() - started
         if recall > self.best_recall:
             self.best_epoch, self.best_recall, self.since_best = stats.epoch, recall, 0
             self.best_weights = {k: v.detach().cpu().clone() for k, v in unwrap(self.model).state_dict().items()}

@@ -33,6 +33,7 @@ class EpochStats(BaseModel):
     images_per_second: float
     val_recall_at_1: float | None = Field(None, description="Recall@1 on the val split after this epoch, when validated")
     val_map_at_r: float | None = Field(None, description="MAP@R on the val split after this epoch, when validated")
+    val_seconds: float | None = Field(None, description="Wall time the validation after this epoch took (not in `seconds`)")
 
 
 class EpochMeter:
@@ -182,7 +183,7 @@ def training_curve_png(history: list[EpochStats]) -> bytes:
 _COLUMNS = {
     "epoch": "epoch", "loss": "loss", "metric_loss": "metric loss", "classification_loss": "classification loss",
     "val_recall_at_1": "val Recall@1", "val_map_at_r": "val MAP@R", "lr": "learning rate",
-    "seconds": "seconds", "images": "images", "images_per_second": "images/s",
+    "seconds": "seconds", "val_seconds": "val seconds", "images": "images", "images_per_second": "images/s",
 }
 
 
@@ -217,7 +218,7 @@ def training_curve_html(history: list[EpochStats] | list[dict[str, Any]], title:
             return f"{v:.4f}"
         if key == "lr":
             return f"{v:.3g}"
-        if key in ("seconds", "images_per_second"):
+        if key in ("seconds", "val_seconds", "images_per_second"):
             return f"{v:.1f}"
         return str(v)
 
