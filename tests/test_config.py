@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -28,6 +29,19 @@ def test_each_loss_gets_its_reference_margin_and_scale(name: LossName) -> None:
     assert (cfg.loss.margin, cfg.loss.scale) == LOSS_DEFAULTS[name]
 
 
+@pytest.mark.parametrize("name, centres", [("ArcFace", "pml"), ("AMSoftmax", None)])
+def test_auto_scale_trains_at_the_class_count_scale(name: str, centres: str | None) -> None:
+    """AdaCos's fixed scale sqrt(2) ln(C - 1): 5.77 for 60 classes, 16.05 for 85,000, never below 1."""
+    from imlt.trainer.losses import build_loss
+
+    cfg = load_config({**BASE, "loss": {"name": name, "auto_scale": True}})
+    assert cfg.loss.scale is None and cfg.loss.margin == LOSS_DEFAULTS[LossName(name)][0]
+    for classes, scale in ((60, 5.7665), (85_000, 16.0519), (2, 1.0)):
+        loss = build_loss(cfg.loss, classes, 8)
+        assert (getattr(loss, centres) if centres else loss).scale == pytest.approx(scale, abs=1e-4)
+    assert math.isclose(build_loss(load_config(BASE).loss, 60, 8).scale, 30.0)  # off: the reference scale
+
+
 def test_explicit_margin_wins() -> None:
     assert load_config({**BASE, "loss": {"name": "ArcFace", "margin": 10}}).loss.margin == 10
 
@@ -41,6 +55,9 @@ def test_explicit_margin_wins() -> None:
         ({"model": {"num_classes": 3}, "data": {"class_names": "a,b"}}, ["num_classes=3", "2 classes"]),
         ({"train": {"fp16": True, "device": "cpu"}}, ["fp16", "CUDA"]),
         ({"train": {"batch_size": 0}}, ["train.batch_size", "greater than 0"]),
+        ({"train": {"amp_dtype": "half"}}, ["train.amp_dtype", "'float16'", "'bfloat16'"]),
+        ({"loss": {"name": "SphereFace", "auto_scale": True}}, ["loss.auto_scale", "SphereFace", "ArcFace"]),
+        ({"loss": {"name": "ArcFace", "auto_scale": True, "scale": 30}}, ["loss.auto_scale", "remove loss.scale=30"]),
         ({"train": {"max_hours": 30}}, ["train.max_hours", "24"]),
         ({"loss": {"name": "Triplet"}}, ["loss.name", "AMSoftmax", "'Triplet'"]),
         ({"trian": {"epochs": 3}}, ["trian", "not permitted"]),

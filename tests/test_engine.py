@@ -416,3 +416,17 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path, dataset: s
     assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"], lines
     assert all("images/s" in line and "ETA" in line and "loss" in line for line in lines)
     assert lines[-1].endswith("ETA 0:00:00")
+
+
+def test_channels_last_trains_the_same_model_in_the_other_memory_layout(tmp_path: Path, dataset: str) -> None:
+    """train.channels_last reaches the weights and every batch, and changes only rounding."""
+    cfg = validate_config(raw_config(tmp_path / "cl", train={"epochs": 1, "channels_last": True}))
+    trainer = Trainer(cfg, dataset, resume=False)
+    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    conv.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    trained = trainer.fit()
+    assert seen and all(seen)
+    default = train(tmp_path / "default", dataset, train={"epochs": 1})
+    assert trained.history[0]["loss"] == pytest.approx(default.history[0]["loss"], rel=1e-2)

@@ -111,13 +111,13 @@ class Objective(nn.Module):
     so the class centres are averaged with the backbone. Returns plain tensors, not LossOutput,
     because DDP walks a forward's output for tensors."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, device_type: str, fp16: bool) -> None:
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, device_type: str, amp_dtype: torch.dtype | None) -> None:
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
-        self.device_type, self.fp16 = device_type, fp16
+        self.device_type, self.amp_dtype = device_type, amp_dtype
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.autocast(device_type=self.device_type, dtype=torch.float16, enabled=self.fp16):
+        with torch.autocast(device_type=self.device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             embeddings = self.model(images)
         out = self.loss_fn(embeddings, labels)
         return out.total, out.metric, out.classification
@@ -130,15 +130,16 @@ def wrap_objective(model: nn.Module, loss_fn: nn.Module, cfg: RunConfig, device:
     the class shards differ per rank and must stay out of DDP's averaging and broadcast.
     `model` and `loss_fn` stay the bare modules (state dicts, saving).
     """
-    fp16, kind = cfg.train.fp16, device.type
+    kind = device.type
+    amp = getattr(torch, cfg.train.amp_dtype.value) if cfg.train.fp16 else None
     if world_size == 1:
-        return Objective(model, loss_fn, kind, fp16)
+        return Objective(model, loss_fn, kind, amp)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if kind == "cuda" else None
     if cfg.compute.model_type == ModelType.MODEL_PARALLEL:
-        return Objective(DDP(model, device_ids=ids), loss_fn, kind, fp16)
-    return DDP(Objective(model, loss_fn, kind, fp16), device_ids=ids)
+        return Objective(DDP(model, device_ids=ids), loss_fn, kind, amp)
+    return DDP(Objective(model, loss_fn, kind, amp), device_ids=ids)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

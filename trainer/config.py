@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,30 @@ LOSS_DEFAULTS: dict[LossName, tuple[float, float]] = {
     LossName.MODEL_PARALLEL_AMSOFTMAX: (0.4, 30.0),
     LossName.MODEL_PARALLEL_SOFTMAX: (0.0, 1.0),
 }
+
+# Losses whose logits are scale * cosine (a fixed temperature). LargeMarginSoftmax and SphereFace
+# (PML) multiply by the class centres' norms as well, so their scale is learned, not set.
+FIXED_SCALE_LOSSES = {LossName.AMSOFTMAX, LossName.ARCFACE, LossName.COSFACE, LossName.MODEL_PARALLEL_AMSOFTMAX,
+                      LossName.MODEL_PARALLEL_SOFTMAX}
+
+
+def class_count_scale(num_classes: int) -> float:
+    """AdaCos's fixed logit scale for C classes, sqrt(2) ln(C - 1) (Zhang et al. 2019), at least 1.
+
+    The reference scales (30, 64) come from face recognition with tens of thousands of identities.
+    On tens of classes they over-specialise the embedding: measured on the glyph task (resnet18
+    from scratch, 60 classes, 150 AdamW steps, benchmarks.quality's data), a plain normalised
+    softmax at scale 64 fits the training classes (loss 7.7 -> 2.9) while Recall@1 on the unseen
+    classes falls to 0.05, against 0.42 at this scale (5.8); ArcFace 0.065 -> 0.42, AMSoftmax
+    0.21 -> 0.45 at their reference margins. Neither BatchNorm statistics (0.058 with batch
+    statistics) nor the neck (0.085 on the backbone's features) was the cause.
+    """
+    return max(1.0, math.sqrt(2.0) * math.log(max(num_classes - 1, 1)))
+
+
+class AmpDtype(str, Enum):
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
 
 
 class OptimizerName(str, Enum):
@@ -197,14 +222,27 @@ class LossConfig(_Section):
     name: LossName = Field(LossName.AMSOFTMAX, description="Metric loss: " + ", ".join(l.value for l in LossName))
     margin: float | None = Field(None, description="Loss margin (defaults per loss: AMSoftmax 0.4, ArcFace 28.6 deg, ...)")
     scale: float | None = Field(None, gt=0, description="Logit scale (defaults per loss)")
+    auto_scale: bool = Field(
+        False, description="Logit scale from the class count, sqrt(2) ln(C - 1) (AdaCos), instead of loss.scale: "
+        "the reference scales suit thousands of classes and over-specialise the embedding on tens "
+        "(AMSoftmax, ArcFace, CosFace, the model-parallel losses)"
+    )
     weight: float = Field(1.0, ge=0, le=1, description="Weight of the metric loss; 1 - weight goes to a plain softmax classifier")
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "LossConfig":
         margin, scale = LOSS_DEFAULTS[self.name]
+        if self.auto_scale and self.scale is not None and self.scale != scale:
+            raise ValueError(f"loss.auto_scale=true sets the scale from the class count; remove loss.scale={self.scale}")
+        if self.auto_scale and self.name not in FIXED_SCALE_LOSSES:
+            raise ValueError(
+                f"loss.auto_scale applies to losses with a fixed logit scale "
+                f"({', '.join(sorted(n.value for n in FIXED_SCALE_LOSSES))}); {self.name.value} learns its scale "
+                "through the class centres' norms"
+            )
         if self.margin is None:
             object.__setattr__(self, "margin", margin)
-        if self.scale is None:
+        if self.scale is None and not self.auto_scale:  # auto: the class count decides (losses.loss_scale)
             object.__setattr__(self, "scale", scale)
         return self
 
@@ -257,6 +295,15 @@ class TrainConfig(_Section):
         50, gt=0, description="When stderr is not a terminal (KFP, Airflow logs): a progress line every N steps or 30 s"
     )
     fp16: bool = Field(False, description="Mixed precision with loss scaling (CUDA only; checked by the training process on its device)")
+    amp_dtype: AmpDtype = Field(
+        AmpDtype.FLOAT16, description="With train.fp16: the autocast dtype, float16 (with loss scaling) or bfloat16 "
+        "(no loss scaling; GPUs with bf16 support, Ampere or newer)"
+    )
+    channels_last: bool = Field(False, description="Model and batches in channels_last memory layout (faster convolutions on GPU tensor cores)")
+    deterministic: bool = Field(
+        True, description="On GPU: deterministic cuDNN kernels, so a resumed run matches an uninterrupted one bit for bit; "
+        "false lets cuDNN autotune (faster, not reproducible)"
+    )
     seed: int = Field(0, description="Random seed (data order, initialisation)")
     max_hours: float = Field(24.0, gt=0, le=24, description="Time limit; on reaching it: checkpoint, then stop")
     device: Device = Field(Device.AUTO, description="auto, cpu or cuda")

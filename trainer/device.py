@@ -31,12 +31,19 @@ def resolve_device(choice: Device | str = Device.AUTO) -> torch.device:
     return torch.device(choice.value)
 
 
-def check_fp16(device: torch.device) -> None:
-    """Mixed precision with loss scaling (train.fp16) runs on CUDA only: refuse it elsewhere, clearly."""
+def check_fp16(device: torch.device, amp_dtype: str = "float16") -> None:
+    """Mixed precision (train.fp16) runs on CUDA only, bfloat16 only where the GPU has it: refuse it elsewhere, clearly."""
     if device.type != "cuda":
         raise ConfigError(
             f"train.fp16=true needs a CUDA device, and this process trains on {device.type} "
             "(no GPU usable here); set train.fp16=false, or run the training step on a GPU node"
+        )
+    import torch
+
+    if amp_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"train.amp_dtype=bfloat16, but {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+            "use train.amp_dtype=float16 (with loss scaling)"
         )
 
 

@@ -68,12 +68,12 @@ from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import storage
 from imlt.trainer.collectives import barrier, max_across_ranks, mean_across_ranks
 from imlt.trainer.compute import distributed_session, resolve_compute, sigterm_flag, unwrap, usage_record, wrap_objective
-from imlt.trainer.config import ConfigError, ModelType, RunConfig
+from imlt.trainer.config import AmpDtype, ConfigError, ModelType, RunConfig
 from imlt.trainer.data.manifest import MANIFEST, check_labels, read_classes, read_manifest, with_dataset_classes
 from imlt.trainer.data.stream import build_stream, seed_everything
 from imlt.trainer.device import check_fp16, resolve_device, torch_threads, training_threads
 from imlt.trainer.history import EpochMeter, EpochStats, ProgressLog, plot_training_curve, write_history
-from imlt.trainer.losses import LossOutput, build_loss
+from imlt.trainer.losses import LossOutput, build_loss, loss_scale
 from imlt.trainer.model_files import CONFIG, CURVE, LAST, USAGE
 from imlt.trainer.optim import build_optimizer, build_scheduler
 from imlt.trainer.process_group import DistEnv, local_device
@@ -186,10 +186,12 @@ class Trainer:
         self.model_parallel = self.cfg.compute.model_type == ModelType.MODEL_PARALLEL
         self.device = local_device(self.env, resolve_device(self.cfg.train.device))
         if self.cfg.train.fp16:
-            check_fp16(self.device)  # here, on the device that trains: a config parses the same on every host
+            check_fp16(self.device, self.cfg.train.amp_dtype.value)  # here, on the device that trains: a config parses the same on every host
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False  # autotuning picks kernels per run: not reproducible
-            torch.backends.cudnn.deterministic = True
+            # autotuning picks kernels per run: faster, not reproducible
+            torch.backends.cudnn.benchmark = not self.cfg.train.deterministic
+            torch.backends.cudnn.deterministic = self.cfg.train.deterministic
+        self.memory_format = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
 
         seed_everything(self.cfg.train.seed)
         records = read_manifest(train_dataset)
@@ -205,7 +207,7 @@ class Trainer:
         model = build_model(self.cfg.model, self.cfg.data.image_size)
         if self.world_size > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
-        self.model = model.to(self.device)
+        self.model = model.to(self.device, memory_format=self.memory_format)
         # Model-parallel: each rank initialises only its own class rows, from a generator seeded by (seed, rank).
         self.loss_fn = build_loss(
             self.cfg.loss, len(self.classes), self.cfg.model.feature_dim, env=self.env, seed=self.cfg.train.seed
@@ -220,7 +222,8 @@ class Trainer:
         self.scheduler = build_scheduler(
             self.cfg.optim, self.optimizer, epochs=self.cfg.train.epochs, steps_per_epoch=self.steps_per_epoch
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.train.fp16)
+        # loss scaling for float16 only: bfloat16 has float32's exponent range
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.train.fp16 and self.cfg.train.amp_dtype == AmpDtype.FLOAT16)
 
         # progress: `epoch` complete epochs plus `batch` batches of the next one
         self.epoch = 0
@@ -256,6 +259,9 @@ class Trainer:
             len(self.loader.dataset), len(self.classes),  # type: ignore[arg-type]
             self.steps_per_epoch, self.epoch + 1, epochs, epochs,
         )
+        if self.cfg.loss.auto_scale:
+            self._log("%s: logit scale %.2f from %d classes (loss.auto_scale)", self.cfg.loss.name.value,
+                      loss_scale(self.cfg.loss, len(self.classes)), len(self.classes))
         self._log("checkpoints in %s (the last %d epochs and the best)", self.checkpoint_dir, self.cfg.train.keep_checkpoints)
         with sigterm_flag(self._on_sigterm):
             while self.epoch < epochs and not self.stop_reason and not self.patience_exhausted:
@@ -377,7 +383,7 @@ class Trainer:
         Returns the global batch's losses, detached (the mean over ranks of their batch means;
         model-parallel losses are global already): the same numbers on every rank.
         """
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         total, metric, classification = self.objective(images, labels)
         # Reduced before backward: a NaN on any rank stops every rank here, before DDP's gradient all-reduce.

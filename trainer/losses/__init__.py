@@ -9,7 +9,7 @@ from imlt.trainer.losses.model_parallel_am_softmax import ModelParallelAMSoftmax
 from imlt.trainer.losses.model_parallel_loss import ModelParallelLoss
 from imlt.trainer.losses.model_parallel_softmax import ModelParallelSoftmax
 from imlt.trainer.losses.pml_margin_loss import PMLMarginLoss
-from imlt.trainer.losses.registry import LOSSES, build_loss
+from imlt.trainer.losses.registry import LOSSES, build_loss, loss_scale
 from imlt.trainer.losses.sharded_classifier import ShardedClassifier, distributed_cross_entropy, shard_range
 from imlt.trainer.losses.sphereface_loss import SphereFaceLoss
 
@@ -28,6 +28,7 @@ __all__ = [
     "ShardedClassifier",
     "SphereFaceLoss",
     "build_loss",
+    "loss_scale",
     "distributed_cross_entropy",
     "shard_range",
 ]

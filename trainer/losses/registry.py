@@ -12,7 +12,7 @@ from typing import Protocol
 
 from torch import nn
 
-from imlt.trainer.config import LossConfig, LossName
+from imlt.trainer.config import LossConfig, LossName, class_count_scale
 from imlt.trainer.losses.am_softmax_loss import AMSoftmaxLoss
 from imlt.trainer.losses.arcface_loss import ArcFaceLoss
 from imlt.trainer.losses.cosface_loss import CosFaceLoss
@@ -46,5 +46,10 @@ def build_loss(cfg: LossConfig, num_classes: int, embedding_dim: int, *, env: Di
     class rows from a generator seeded by (seed, rank).
     """
     return LOSSES[cfg.name].from_config(
-        float(cfg.margin), float(cfg.scale), cfg.weight, num_classes, embedding_dim, env=env or DistEnv(), seed=seed
+        float(cfg.margin), loss_scale(cfg, num_classes), cfg.weight, num_classes, embedding_dim, env=env or DistEnv(), seed=seed
     )
+
+
+def loss_scale(cfg: LossConfig, num_classes: int) -> float:
+    """The logit scale a run trains with: loss.scale, or the class-count scale with loss.auto_scale."""
+    return class_count_scale(num_classes) if cfg.auto_scale else float(cfg.scale)  # type: ignore[arg-type]
