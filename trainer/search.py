@@ -136,7 +136,7 @@ def exact_searcher(x: np.ndarray, backend: str = "auto", device: str = "auto") -
 def resolve_backend(backend: str, device: str, n: int) -> tuple[str, str]:
     """The (backend, device) that "auto" stands for with a gallery of n rows."""
     if backend == "auto" or device == "auto":
-        cuda = _cuda_available() if device in ("auto", "cuda") or device.startswith("cuda") else False
+        cuda = _cuda_available() if device == "auto" or device.startswith("cuda") else False
         if device == "auto":
             device = "cuda" if cuda and backend != "int8" else "cpu"
         if backend == "auto":
