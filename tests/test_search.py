@@ -56,7 +56,7 @@ def test_torch_chunked_search_equals_faiss_exact(slack: float) -> None:
 def test_the_int8_gemm_is_exact_at_the_saturation_extremes() -> None:
     # u8 x s8 on AVX2 sums pairs of products in saturating int16: queries stay in [0, 128] so that
     # 128 * 127 * 2 fits; these are the largest products the quantisation can produce
-    session = S._int8_matmul(threads=1)
+    session = S._int8_matmul()
     d = 64
     a = np.zeros((4, d), dtype=np.uint8)
     a[0], a[1], a[2, ::2], a[3] = 128, 0, 128, np.arange(d) % 129

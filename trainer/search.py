@@ -285,7 +285,7 @@ class Int8Search:
     sample that is not a candidate scored at most t, the row's threshold (see _candidates), so
     its exact score is at most t + bound. A row whose depth-th exact candidate score exceeds
     t + bound therefore holds the exact top `depth`; any other row is searched again in fp32
-    by faiss (`fallback_rows` counts them). `depth` lets a caller that needs only a row's first
+    by brute force (`fallback_rows` counts them). `depth` lets a caller that needs only a row's first
     few neighbours exact (evaluation needs max(K, R) per query, not the largest R of all
     queries) certify just those: the bound is loose (it assumes the worst direction of the
     errors), so certifying 100 neighbours at 1M needs far more candidates than certifying 20.
@@ -309,8 +309,7 @@ class Int8Search:
 
     WIDTH = 1024  # candidates per query: at 1M x 512 about 1 query in 500 then falls back (RESULTS.md, eval_scale)
 
-    def __init__(self, x: np.ndarray, gallery_block: int = 16384, width: int | None = None, rows: int = 256,
-                 threads: int | None = None) -> None:
+    def __init__(self, x: np.ndarray, gallery_block: int = 16384, width: int | None = None, rows: int = 256) -> None:
         if x.dtype != np.float32 or x.ndim != 2:
             raise RetrievalError(f"Int8Search needs a float32 (N, D) array, got {x.dtype} {x.shape}")
         self.x = x
@@ -330,8 +329,7 @@ class Int8Search:
             gallery_norm = max(gallery_norm, float(np.sqrt(np.einsum("ij,ij->i", g, g, dtype=np.float64).max())))
         self.gallery_error = gallery_error  # max ||g - s_g G|| over the gallery
         self.gallery_norm = gallery_norm  # max ||g||: 1 for unit rows
-        self._session = _int8_matmul(threads)
-        self._fallback = FlatSearch(x)
+        self._session = _int8_matmul()  # single-threaded, see search()
         self.searched_rows = 0
         self.fallback_rows = 0  # rows the certificate sent back to fp32 search
 
@@ -342,30 +340,44 @@ class Int8Search:
         need = np.full(len(xq), k) if depth is None else np.clip(np.asarray(depth), 1, k)
         scores = np.empty((len(xq), k), dtype=np.float32)
         idx = np.empty((len(xq), k), dtype=np.int64)
-        bad = []
-        for b in range(0, len(xq), self.rows):
+        starts = range(0, len(xq), self.rows)
+
+        def one(b: int) -> np.ndarray:
             rows = slice(b, b + self.rows)
             scores[rows], idx[rows], uncertified = self._search(xq[rows], k, need[rows])
-            bad.append(uncertified + b)
-        bad = np.concatenate(bad)
+            return uncertified + b
+
+        # one thread: a thread pool inside each GEMM (or over chunks) left threads yielding at
+        # every barrier for a descheduled partner on the shared 2-core machine, which cost several
+        # times the CPU time; single-threaded, the CPU seconds per query are the lowest measured
+        bad = np.concatenate([one(b) for b in starts])
         if len(bad):
             self.fallback_rows += len(bad)
             scores[bad], idx[bad] = self._fallback_search(xq[bad], k)
         self.searched_rows += len(xq)
         return scores, idx
 
-    def _fallback_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """fp32 search of the uncertified rows in one faiss call. faiss scans the gallery once per
-        query below its BLAS threshold (20 rows; ~0.2 CPU s each at 1M x 512) and runs one GEMM
-        from there on, so a handful of rows is padded up to the threshold."""
-        import faiss
+    def _fallback_search(self, q: np.ndarray, k: int, rows: int = 256, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """fp32 search of the uncertified rows: numpy GEMM over gallery blocks, top k merged per block.
 
-        blas = int(getattr(faiss.cvar, "distance_compute_blas_threshold", 20))
-        if 2 < len(q) < blas:
-            padded = np.concatenate([q, np.repeat(q[:1], blas - len(q), axis=0)])
-            s, i = self._fallback.search(padded, k)
-            return s[: len(q)], i[: len(q)]
-        return self._fallback.search(q, k)
+        Not faiss: in a process that has loaded onnxruntime, faiss.knn on a few rows stalled for
+        minutes on the shared machine (its OpenMP threads against onnxruntime's); numpy's BLAS did not.
+        """
+        scores = np.empty((len(q), k), dtype=np.float32)
+        idx = np.empty((len(q), k), dtype=np.int64)
+        for r in range(0, len(q), rows):
+            best_s = np.full((len(q[r : r + rows]), 0), -np.inf, dtype=np.float32)
+            best_i = np.zeros(best_s.shape, dtype=np.int64)
+            for b in range(0, self.n, block):
+                sc = q[r : r + rows] @ self.x[b : b + block].T
+                s_all = np.concatenate([best_s, sc], axis=1)
+                i_all = np.concatenate([best_i, np.broadcast_to(np.arange(b, b + sc.shape[1]), sc.shape)], axis=1)
+                keep = np.argpartition(-s_all, min(k, s_all.shape[1]) - 1, axis=1)[:, :k]
+                best_s, best_i = np.take_along_axis(s_all, keep, axis=1), np.take_along_axis(i_all, keep, axis=1)
+            order = np.argsort(-best_s, axis=1, kind="stable")
+            scores[r : r + rows] = np.take_along_axis(best_s, order, axis=1)
+            idx[r : r + rows] = np.take_along_axis(best_i, order, axis=1)
+        return scores, idx
 
     def _search(self, q: np.ndarray, k: int, need: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One chunk: (scores, indices, the rows the certificate did not cover)."""
@@ -478,7 +490,7 @@ def _rerank(x: np.ndarray, q: np.ndarray, cand: np.ndarray, rows: int = 16) -> n
     return out
 
 
-def _int8_matmul(threads: int | None) -> object:
+def _int8_matmul() -> object:
     """An onnxruntime session computing (a - 64) @ b * scale: a uint8 (m, d), b int8 (d, n), scale (n,)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -495,12 +507,12 @@ def _int8_matmul(threads: int | None) -> object:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     options = ort.SessionOptions()
-    if threads is None:
-        import torch
-
-        threads = torch.get_num_threads()
-    options.intra_op_num_threads = threads
+    # single-threaded runs: with a thread pool inside each GEMM, threads spin and yield at every
+    # GEMM's end waiting for a descheduled partner, which on the loaded 2-core machine more than
+    # doubled the CPU time (measured at 1M)
+    options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
