@@ -6,11 +6,11 @@ the lower sample index): tests compare each with faiss brute force within 1e-6.
 - FlatSearch: faiss brute force without an index (no copy of the gallery); faiss GPU where installed.
 - TorchSearch: chunked matmul + topk with fp16 candidates re-ranked in fp32 (the CUDA path).
 - Int8Search: int8 candidates from an integer GEMM (onnxruntime), re-ranked in fp32 (the CPU
-  path for large galleries: about half faiss's CPU time per query at 1M x 512).
+  path for large galleries: two thirds of faiss's CPU time at 1M x 512, single-threaded).
 
 The reduced-precision back ends are exact by a certificate: a row's candidates are re-ranked in
 fp32 and the row is kept only if its k-th exact score provably beats every sample that was not
-a candidate; other rows are searched again in fp32 by faiss. `fallback_rows` counts those.
+a candidate; other rows are searched again in fp32. `fallback_rows` counts those.
 
 Approximate search (`ApproximateIndex`, `build_approximate_index`: faiss HNSW or IVF) is
 opt-in only: benchmarks/eval_recall.py measured its agreement with exact search as poor at
@@ -116,8 +116,8 @@ def exact_searcher(x: np.ndarray, backend: str = "auto", device: str = "auto") -
     """An exact inner-product searcher over the rows of x (not copied), chosen by what is available.
 
     auto: torch on a CUDA device when torch sees one (faiss GPU instead when faiss has GPUs);
-    on the CPU, Int8Search from INT8_MIN_GALLERY rows on (about twice as fast as faiss at 1M,
-    benchmarks/eval_scale.py), faiss below. "faiss", "int8" or "torch" force a back end. Every
+    on the CPU, Int8Search from INT8_MIN_GALLERY rows on (two thirds of faiss's CPU seconds at
+    1M, benchmarks/eval_scale.py; single-threaded, so faiss's wall time is shorter on idle cores), faiss below. "faiss", "int8" or "torch" force a back end. Every
     back end returns the same neighbours (tests check them against faiss within 1e-6); only
     speed differs.
     """
@@ -307,7 +307,7 @@ class Int8Search:
     QUERY_LEVELS = 64  # queries in [-64, 64], stored as uint8 + 64: no int16 saturation (see above)
     GALLERY_LEVELS = 127
 
-    WIDTH = 1024  # candidates per query: at 1M x 512 about 1 query in 500 then falls back (RESULTS.md, eval_scale)
+    WIDTH = 1024  # candidates per query: at 1M x 512, 0.3% of the queries then fall back (RESULTS.md, eval_scale)
 
     def __init__(self, x: np.ndarray, gallery_block: int = 16384, width: int | None = None, rows: int = 256) -> None:
         if x.dtype != np.float32 or x.ndim != 2:
