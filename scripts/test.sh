@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q --durations=15 "$@"
+python -m pytest -q -n "${IMLT_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"

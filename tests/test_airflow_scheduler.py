@@ -2,7 +2,7 @@
 
 `airflow standalone` (SQLite, loopback only, free ports) parses a small DAG file of a deployment's
 own, built with the DAG factory; the runs are triggered through the REST API, once with a logical
-date and once without (Airflow 3's null logical_date), and every task runs in the executor's own
+date and once without (Airflow 3's null logical_date), side by side, and every task runs in the executor's own
 process, as in production. Data, runs and models live on the OSS test server and the credentials
 only in the `oss_default` connection (no OSS_* variables in Airflow's environment).
 """
@@ -25,8 +25,9 @@ DAG_FILE = f"""
 from imlt.components.airflow.dag_factory import retraining_dag
 
 # A deployment's own DAG file: tiny settings as its defaults, the data given when triggering.
-retraining_dag({DAG_ID!r}, schedule=None, backbone="test_resnet", pretrained=None, feature_dim=8, image_size=16,
-               epochs=1, batch_size=8, lr=0.01, reader_threads=0, device="cpu")
+dag = retraining_dag({DAG_ID!r}, schedule=None, backbone="test_resnet", pretrained=None, feature_dim=8, image_size=16,
+                     epochs=1, batch_size=8, lr=0.01, reader_threads=0, device="cpu")
+dag.max_active_runs = 2  # the test's two runs side by side (the factory allows one at a time)
 """
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.cli import checkpoints, ckpt_dir, kept
 from tests.support.images import write_colour_dataset
 from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import engine
@@ -39,15 +40,6 @@ PER_CLASS = 12  # 48 images, batch 8 -> 6 steps per epoch
 STEPS_PER_EPOCH = 6
 
 
-def ckpt_dir(output_dir: Path) -> Path:
-    """The run's checkpoint folder: the model folder's sibling by default."""
-    return Path(f"{output_dir}{ckpt.CHECKPOINTS_SUFFIX}")
-
-
-def kept(history: list) -> list[str]:
-    """The epoch checkpoints a run keeps by default: its last epoch's and its best (lowest loss) epoch's."""
-    losses = [h["loss"] for h in history]
-    return sorted({f"epoch-{len(losses):04d}.ckpt", f"epoch-{1 + losses.index(min(losses)):04d}.ckpt"})
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,9 +68,6 @@ def train(output_dir: Path, dataset: str, resume: bool = True, **sections: dict)
     cfg = validate_config(raw_config(output_dir, **sections))
     return run_training(TrainInput(config=cfg, train_dataset=dataset, resume=resume))
 
-
-def checkpoints(output_dir: Path) -> list[str]:
-    return sorted(p.name for p in ckpt_dir(output_dir).glob("*.ckpt"))
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -29,9 +29,9 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from tests.support.cli import ckpt_dir, kept
 from tests.support.images import write_colour_dataset
 from tests.engine_dist_worker import hooks
-from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import engine, launch
 from imlt.trainer.checkpoint import ResumeConfigError, ShardedCheckpointError, shard_file
 from imlt.trainer.compute import resolve_compute
@@ -51,15 +51,6 @@ STOP_AT = 7  # epoch 2, after its 2nd batch
 TOL = 1e-5
 
 
-def ckpt_dir(output_dir: Path) -> Path:
-    """The run's checkpoint folder: the model folder's sibling by default."""
-    return Path(f"{output_dir}{ckpt.CHECKPOINTS_SUFFIX}")
-
-
-def kept(history: list) -> list[str]:
-    """The epoch checkpoints a run keeps by default: its last epoch's and its best (lowest loss) epoch's."""
-    losses = [h["loss"] for h in history]
-    return sorted({f"epoch-{len(losses):04d}.ckpt", f"epoch-{1 + losses.index(min(losses)):04d}.ckpt"})
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -150,14 +150,14 @@ def test_auto_mode_uses_the_threshold(model_dir: str, dataset_dir: str, tmp_path
 
 
 def test_model_card_shows_an_estimate_with_its_intervals() -> None:
-    from imlt.trainer.publish import _evaluation_lines
+    from imlt.trainer.model_card import evaluation_lines
 
     ev = {"method": "sampled", "exact": False, "num_queries": 30000, "num_eligible_queries": 10**6, "sample_seed": 0,
           "interval_method": "Wilson", "intervals": {"recall_at_1": [0.745, 0.755]}}
-    text = "\n".join(_evaluation_lines(ev, {"recall_at_1": 0.75}))
+    text = "\n".join(evaluation_lines(ev, {"recall_at_1": 0.75}))
     assert "Estimated from 30000 randomly sampled queries" in text
     assert "| recall_at_1 | 0.7500 | 0.7450 – 0.7550 | 0.0050 |" in text
-    assert "Exact" in "\n".join(_evaluation_lines({"exact": True, "num_queries": 12}, {}))
+    assert "Exact" in "\n".join(evaluation_lines({"exact": True, "num_queries": 12}, {}))
     ev.update(backend="int8 on cpu (int8 candidates by onnxruntime, exact fp32 re-ranking)", search_fallback_rows=61)
-    text = "\n".join(_evaluation_lines(ev, {"recall_at_1": 0.75}))
+    text = "\n".join(evaluation_lines(ev, {"recall_at_1": 0.75}))
     assert "each searched exactly by int8 on cpu (int8 candidates by onnxruntime, exact fp32 re-ranking), 61 of them re-searched in fp32;" in text

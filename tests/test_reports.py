@@ -106,7 +106,7 @@ def test_history_json_without_val_is_unchanged(tmp_path) -> None:
 
 def test_card_preprocessing_is_read_off_the_eval_transform() -> None:
     from imlt.trainer.data.transforms import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
-    from imlt.trainer.publish import serving_preprocessing
+    from imlt.trainer.model_card import serving_preprocessing
 
     pre = serving_preprocessing(224)
     assert pre["resize"]["shorter_side"] == round(224 / CROP_RATIO) == 256
@@ -117,10 +117,10 @@ def test_card_preprocessing_is_read_off_the_eval_transform() -> None:
     assert "shorter side is 256 px" in words and "central 224x224" in words and "0.485, 0.456, 0.406" in words
 
 
-def test_card_names_split_unseen_classes_and_gate_without_local_paths() -> None:
-    from imlt.trainer.publish import _without_local_paths, render_card, serving_preprocessing
+def test_card_names_split_unseen_classes_and_gatewithout_local_paths() -> None:
+    from imlt.trainer.model_card import render_card, serving_preprocessing, without_local_paths
 
-    config = _without_local_paths({"output_dir": "/tmp/imlt-xyz/model", "data": {"train_annotations": "oss://b/t.txt"},
+    config = without_local_paths({"output_dir": "/tmp/imlt-xyz/model", "data": {"train_annotations": "oss://b/t.txt"},
                                    "model": {"backbone": "resnet18"}})
     assert config["output_dir"] == ".../model" and config["data"]["train_annotations"] == "oss://b/t.txt"
     metrics = {"recall_at_1": 0.8, "map_at_r": 0.5, "num_queries": 520, "num_classes": 26,
@@ -131,7 +131,7 @@ def test_card_names_split_unseen_classes_and_gate_without_local_paths() -> None:
             "files": {"model.onnx": {}}, "metrics": metrics,
             "measured_on": {"split": "val", "classes": 26, "unseen_classes": 26},
             "gate": {"min_recall_at_1": 0.5, "decision": "Recall@1 0.8000 >= gate 0.5000"},
-            "data": _without_local_paths({"num_samples": 10, "num_classes": 2, "split": "train",
+            "data": without_local_paths({"num_samples": 10, "num_classes": 2, "split": "train",
                                           "data_format": "ClsSourceImageList", "annotations": "/tmp/a/train.txt"}),
             "usage": None, "config": config}
     md = render_card(card)

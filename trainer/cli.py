@@ -227,7 +227,7 @@ def run(config: Annotated[str, typer.Argument(help="Run file (YAML, local or oss
 def demo(
     output: Annotated[Path, typer.Option(help="Folder for the generated data, the model and the published versions")] = Path("demo-output"),
     epochs: Annotated[int, typer.Option(help="Training epochs")] = 10,
-    backbone: Annotated[str, typer.Option(help="Backbone")] = "resnet18",
+    backbone: Annotated[str, typer.Option(help="Backbone")] = "resnet10t",
     seed: Annotated[int, typer.Option(help="Seed for data and training")] = 0,
     data_only: Annotated[bool, typer.Option(help="Only write the glyph data to OUTPUT/data (what examples/run.yaml reads)")] = False,
 ) -> None:

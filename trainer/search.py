@@ -19,10 +19,13 @@ scale, and it has no tie rule.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from imlt.trainer.device import available_cpus
 
 if TYPE_CHECKING:
     import torch
@@ -309,7 +312,8 @@ class Int8Search:
 
     WIDTH = 1024  # candidates per query: at 1M x 512, 0.3% of the queries then fall back (RESULTS.md, eval_scale)
 
-    def __init__(self, x: np.ndarray, gallery_block: int = 16384, width: int | None = None, rows: int = 256) -> None:
+    def __init__(self, x: np.ndarray, gallery_block: int = 16384, width: int | None = None, rows: int = 256,
+                 threads: int | None = None) -> None:
         if x.dtype != np.float32 or x.ndim != 2:
             raise RetrievalError(f"Int8Search needs a float32 (N, D) array, got {x.dtype} {x.shape}")
         self.x = x
@@ -330,6 +334,7 @@ class Int8Search:
         self.gallery_error = gallery_error  # max ||g - s_g G|| over the gallery
         self.gallery_norm = gallery_norm  # max ||g||: 1 for unit rows
         self._session = _int8_matmul()  # single-threaded, see search()
+        self.threads = max(1, int(available_cpus())) if threads is None else threads
         self.searched_rows = 0
         self.fallback_rows = 0  # rows the certificate sent back to fp32 search
 
@@ -347,10 +352,16 @@ class Int8Search:
             scores[rows], idx[rows], uncertified = self._search(xq[rows], k, need[rows])
             return uncertified + b
 
-        # one thread: a thread pool inside each GEMM (or over chunks) left threads yielding at
-        # every barrier for a descheduled partner on the shared 2-core machine, which cost several
-        # times the CPU time; single-threaded, the CPU seconds per query are the lowest measured
-        bad = np.concatenate([one(b) for b in starts])
+        # Chunks run side by side, one single-threaded GEMM each, on as many threads as this process
+        # has CPUs (affinity and cgroup limit): onnxruntime and numpy's heavy calls release the GIL,
+        # and independent chunks share no barrier. A thread pool inside each GEMM instead left
+        # threads spinning at every barrier for a descheduled partner on the shared 2-core machine.
+        workers = min(self.threads, len(starts))
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                bad = np.concatenate(list(pool.map(one, starts)))
+        else:
+            bad = np.concatenate([one(b) for b in starts])
         if len(bad):
             self.fallback_rows += len(bad)
             scores[bad], idx[bad] = self._fallback_search(xq[bad], k)

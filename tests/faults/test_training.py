@@ -85,7 +85,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
         ran = imlt(*train_args(dataset, out, 2))
     assert ran.exit_code == 1 and ran.exception is None, ran.output
     step = STEPS_PER_EPOCH + 1
-    assert f"NonFiniteLossError: loss is " in ran.output
+    assert "NonFiniteLossError: loss is " in ran.output
     assert f"at epoch 2, batch index 1, global step {step}" in ran.output, ran.output
     assert f"last good checkpoint: {out}-checkpoints/epoch-0001.ckpt" in ran.output
     assert checkpoints(out) == ["epoch-0001.ckpt"]

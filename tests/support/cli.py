@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imlt.trainer.checkpoint import CHECKPOINTS_SUFFIX
+
 REPO = Path(__file__).resolve().parents[2]
 BACKBONE = "test_resnet"
 IMAGE_SIZE = 16
@@ -78,7 +80,7 @@ def train_args(dataset: str, output_dir: str | Path, epochs: int = 2, *extra: st
 
 def ckpt_dir(output_dir: str | Path) -> Path:
     """Where a run's checkpoints go by default: the model folder's sibling, not inside it."""
-    return Path(f"{output_dir}-checkpoints")
+    return Path(f"{output_dir}{CHECKPOINTS_SUFFIX}")
 
 
 def kept(history: list) -> list[str]:
