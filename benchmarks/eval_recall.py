@@ -48,7 +48,8 @@ def make_embeddings(n: int, dim: int, classes: int | None, spread: float, seed: 
 
 
 def _ours(x: np.ndarray, y: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
-    from imlt.trainer.retrieval import ApproximateIndex, retrieval_metrics
+    from imlt.trainer.retrieval import retrieval_metrics
+    from imlt.trainer.search import ApproximateIndex
 
     index: Any = "exact"
     if spec.get("index"):
@@ -128,7 +129,8 @@ def _neighbour_recall(x: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
     """Share of each query's exact 8 nearest neighbours that the approximate index returns."""
     import faiss
 
-    from imlt.trainer.retrieval import ApproximateIndex, build_approximate_index, l2_normalize
+    from imlt.trainer.retrieval import l2_normalize
+    from imlt.trainer.search import ApproximateIndex, build_approximate_index
 
     xn = l2_normalize(x)
     rng = np.random.default_rng(1)

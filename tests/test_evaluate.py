@@ -158,3 +158,6 @@ def test_model_card_shows_an_estimate_with_its_intervals() -> None:
     assert "Estimated from 30000 randomly sampled queries" in text
     assert "| recall_at_1 | 0.7500 | 0.7450 – 0.7550 | 0.0050 |" in text
     assert "Exact" in "\n".join(evaluation_lines({"exact": True, "num_queries": 12}, {}))
+    ev.update(backend="int8 on cpu (int8 candidates by onnxruntime, exact fp32 re-ranking)", search_fallback_rows=61)
+    text = "\n".join(evaluation_lines(ev, {"recall_at_1": 0.75}))
+    assert "each searched exactly by int8 on cpu (int8 candidates by onnxruntime, exact fp32 re-ranking), 61 of them re-searched in fp32;" in text

@@ -1,11 +1,12 @@
-"""The opt-in paths of trainer.retrieval: approximate indexes and sampled queries."""
+"""The opt-in paths of trainer.retrieval: approximate indexes and sampled queries (exact back ends: test_search.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from imlt.trainer.retrieval import ApproximateIndex, RetrievalError, retrieval_metrics
+from imlt.trainer.retrieval import RetrievalError, retrieval_metrics
+from imlt.trainer.search import ApproximateIndex
 
 
 def _clusters(n_classes: int = 12, per_class: int = 15, dim: int = 16, noise: float = 0.6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -74,38 +75,11 @@ def test_unknown_index_kind_is_refused() -> None:
         retrieval_metrics(x, y, index="lsh")
 
 
-# --- exact search back ends: the torch chunked algorithm (the GPU path) against faiss ---------------
-
-
 def _ties_free(n: int = 600, dim: int = 24, classes: int = 30, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((classes, dim))
     y = rng.integers(0, classes, n)
     return (centres[y] + 1.3 * rng.standard_normal((n, dim))).astype(np.float32), y
-
-
-@pytest.mark.parametrize("slack", [4e-3, 10.0])  # 10: no row is certified, every row takes the fp32 fallback
-def test_torch_chunked_search_equals_faiss_exact(slack: float) -> None:
-    from imlt.trainer.retrieval import FlatSearch, TorchSearch, l2_normalize
-
-    x, y = _ties_free()
-    xn = l2_normalize(x)
-    ts = TorchSearch(xn, device="cpu", gallery_block=97, slack=slack)  # odd blocks: the merge across blocks runs
-    fs, fi = FlatSearch(xn).search(xn[:50], 20)
-    s, i = ts.search(xn[:50], 20, rows=7)
-    assert (i == fi).all()
-    assert np.abs(s - fs).max() < 1e-6
-    if slack > 1:
-        assert ts.fallback_rows == 50
-    faiss_m = retrieval_metrics(x, y)
-    torch_m = retrieval_metrics(x, y, backend="torch")
-    assert torch_m == pytest.approx(faiss_m, abs=1e-6)
-
-
-def test_unknown_backend_is_refused() -> None:
-    x, y = _ties_free(n=50)
-    with pytest.raises(RetrievalError, match="unknown search backend 'blas'"):
-        retrieval_metrics(x, y, backend="blas")
 
 
 # --- evaluation by size: exact or sampled queries with 95% intervals --------------------------------

@@ -47,7 +47,7 @@ def evaluate_model(inp: EvaluateInput) -> EvaluateOutput:
     embeddings, labels = embed(model, records, cfg.data.image_size, inp.batch_size, inp.reader_threads, device)
     settings = EvaluationSettings(mode=inp.eval_mode, exact_max_samples=inp.exact_max_samples,
                                   sample_queries=inp.sample_queries, target_half_width=inp.target_half_width,
-                                  seed=inp.sample_seed, device=device.type)
+                                  seed=inp.sample_seed, backend=inp.search_backend, device=device.type)
     # the embeddings are ours: searched in place when already unit length (no 2 GiB copy at 1M x 512)
     report = evaluate_retrieval(embeddings, labels, ks=tuple(inp.ks), settings=settings, copy=False)
     log.info("evaluation: %s, %d queries (%s)", report.method, report.details["num_queries"], report.details["backend"])

@@ -144,16 +144,25 @@ def usage_record(model_dir: str) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else {"value": usage}
 
 
+def _search_words(ev: dict[str, Any]) -> str:
+    """Which exact search ran (and how many queries its certificate sent back to fp32), if recorded."""
+    if not ev.get("backend"):
+        return ""
+    fallback = ev.get("search_fallback_rows")
+    return f" by {ev['backend']}" + (f", {fallback} of them re-searched in fp32" if fallback else "")
+
+
 def evaluation_lines(ev: Any, metrics: dict[str, Any]) -> list[str]:
     """How the metrics were measured: an estimate from sampled queries is never shown as exact."""
     if not isinstance(ev, dict):
         return []
+    search = _search_words(ev)
     if ev.get("exact"):
-        return [f"Exact: every one of {ev.get('num_queries')} queries evaluated (no sampling error).", ""]
+        return [f"Exact: every one of {ev.get('num_queries')} queries evaluated (no sampling error){search}.", ""]
     ivs = ev.get("intervals") or {}
     lines = [f"Estimated from {ev.get('num_queries')} randomly sampled queries of {ev.get('num_eligible_queries')} "
-             f"(seed {ev.get('sample_seed')}), each searched exactly; 95% intervals: {ev.get('interval_method')}.", "",
-             "| metric | estimate | 95% interval | half-width |", "|---|---|---|---|"]
+             f"(seed {ev.get('sample_seed')}), each searched exactly{search}; 95% intervals: {ev.get('interval_method')}.",
+             "", "| metric | estimate | 95% interval | half-width |", "|---|---|---|---|"]
     return lines + [f"| {m} | {float(metrics.get(m, float('nan'))):.4f} | {lo:.4f} – {hi:.4f} | {(hi - lo) / 2:.4f} |"
                     for m, (lo, hi) in ivs.items()] + [""]
 

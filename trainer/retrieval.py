@@ -26,48 +26,36 @@ and reports every metric with its 95% interval (Wilson for Recall@K, normal for 
 finite-population corrected) and what it did. Each sampled query's result is the exact one, so
 the only uncertainty is which queries were drawn, and the interval covers it.
 
-Search back ends (all exact, the same neighbours): faiss brute force without an index (no copy
-of the gallery), faiss GPU where installed, or torch chunked matmul + topk with fp16
-candidates re-ranked in fp32 (the path chosen on a CUDA device; its certificate makes it
-exact, see TorchSearch). `index="hnsw"` or `"ivf"` (or an `ApproximateIndex`) searches a faiss
-approximate index instead, opt-in only: benchmarks/eval_recall.py measured its agreement with
-exact search as poor at scale. Approximate search has no tie rule: results can depend on
-faiss's order there.
+The search itself lives in trainer.search. Its exact back ends all give the same neighbours:
+faiss brute force (no copy of the gallery; faiss GPU where installed), int8 candidates re-ranked
+in fp32 (the CPU path for large galleries) and torch fp16 candidates re-ranked in fp32 (the
+CUDA path); the reduced-precision ones are exact by a certificate (see trainer.search).
+`index="hnsw"` or `"ivf"` (or an `ApproximateIndex`) searches a faiss approximate index
+instead, opt-in only: benchmarks/eval_recall.py measured its agreement with exact search as
+poor at scale. Approximate search has no tie rule: results can depend on faiss's order there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from imlt.trainer.search import (
+    ApproximateIndex,
+    RetrievalError,
+    approximate_neighbours,
+    approximate_spec,
+    build_approximate_index,
+    exact_searcher,
+    neighbours,
+)
 
-class RetrievalError(ValueError):
-    """Embeddings and labels that cannot give retrieval metrics (the message says why)."""
-
-
-@dataclass(frozen=True)
-class ApproximateIndex:
-    """A faiss approximate inner-product index for large evaluation sets.
-
-    hnsw: a graph (IndexHNSWFlat, M links per node); search widens ef_search to at least k + 1.
-    ivf: k-means cells (IndexIVFFlat); nlist defaults to about 4 sqrt(N) cells, of which nprobe
-    are scanned per query; trained on at most 256 points per cell.
-    """
-
-    kind: str
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
-    nlist: int | None = None
-    nprobe: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("hnsw", "ivf"):
-            raise RetrievalError(f"unknown index kind {self.kind!r}; use 'exact', 'hnsw' or 'ivf'")
+__all__ = ["ApproximateIndex", "EvaluationSettings", "PerQuery", "RetrievalError", "RetrievalReport", "evaluate_retrieval",
+           "l2_normalize", "mean_interval", "per_query_metrics", "required_sample_size", "retrieval_metrics",
+           "wilson_interval"]
 
 
 def l2_normalize(embeddings: np.ndarray, copy: bool = True) -> np.ndarray:
@@ -111,6 +99,7 @@ class PerQuery:
     hits: np.ndarray  # (num_queries, len(ks)) bool: a same-class sample among the first K
     ap: np.ndarray  # (num_queries,) AP@R
     num_classes: int
+    search: dict[str, Any] = field(default_factory=dict)  # back end, rows searched, rows that fell back to fp32
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {f"recall_at_{k}": int(self.hits[:, i].sum()) / len(self.queries) for i, k in enumerate(self.ks)}
@@ -131,22 +120,26 @@ def per_query_metrics(
     backend: str = "faiss",
     device: str = "auto",
     copy: bool = True,
+    reuse: dict[str, Any] | None = None,
 ) -> PerQuery:
     """Each query's hit flags and AP@R (retrieval_metrics are their means; intervals come from them).
 
     index: "exact" (default), or "hnsw"/"ivf"/an ApproximateIndex for large sets.
     queries: indices of the samples to use as queries (default: all); every sample stays in
     the gallery. Samples without a same-class partner are left out as usual.
-    backend: exact search by "faiss" (CPU, or faiss GPU where installed), "torch" (chunked
-    matmul + topk in reduced precision with exact fp32 re-ranking; the GPU path) or "auto".
+    backend: exact search by "faiss" (CPU, or faiss GPU where installed), "int8" (CPU: int8
+    candidates, exact fp32 re-ranking), "torch" (fp16 candidates, exact fp32 re-ranking; the
+    GPU path) or "auto" (see trainer.search.exact_searcher).
     copy=False: unit-length float32 rows are searched in place rather than normalised into a copy.
+    reuse: a dict in which the exact searcher is kept for the next call on the same array (with
+    copy=False; the int8 back end quantises the gallery once, seconds at 1M).
     """
     x, y = _check_inputs(embeddings, labels, ks, chunk_size, copy=copy)
     ks = tuple(int(k) for k in ks)
     n = len(x)
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     others = counts[inverse] - 1  # R of every sample
-    approx = _approximate(index)
+    approx = approximate_spec(index)
     if queries is None:
         queries = np.flatnonzero(others > 0)
     else:
@@ -164,217 +157,33 @@ def per_query_metrics(
     # the window must hold every same-class neighbour (MAP@R) and the largest K; +1 for self
     k = min(n - 1, max(max(ks), int(others[queries].max())))
 
+    # the columns a query uses: its R (MAP@R) and the largest K; searchers may certify only these
+    depth = np.minimum(k, np.maximum(max(ks), others))
     if approx is None:
-        search = exact_searcher(x, backend, device)
+        kept = reuse.get("searcher") if reuse is not None and reuse.get("key") == (id(x), backend, device) else None
+        search = kept or exact_searcher(x, backend, device)
+        if reuse is not None:
+            reuse.update(key=(id(x), backend, device), searcher=search, x=x)  # x kept alive: its id stays unique
     else:
         search = build_approximate_index(x, approx, k)
 
+    fallback_before = int(getattr(search, "fallback_rows", 0))
     hits = np.empty((len(queries), len(ks)), dtype=bool)
     ap = np.empty(len(queries), dtype=np.float64)  # kept per query: sums then match across chunk sizes
     for start in range(0, len(queries), chunk_size):
         q = queries[start : start + chunk_size]
         if approx is None:
-            neighbours = _neighbours(search, x, q, k)
-            relevant = y[neighbours] == y[q][:, None]  # (chunk, k)
+            found = neighbours(search, x, q, k, depth[q])
+            relevant = y[found] == y[q][:, None]  # (chunk, k)
         else:
-            neighbours = _approximate_neighbours(search, x, q, k)
-            relevant = (neighbours >= 0) & (y[neighbours] == y[q][:, None])  # -1: fewer than k found
+            found = approximate_neighbours(search, x, q, k)
+            relevant = (found >= 0) & (y[found] == y[q][:, None])  # -1: fewer than k found
         for i, kk in enumerate(ks):
             hits[start : start + len(q), i] = relevant[:, :kk].any(axis=1)
         ap[start : start + len(q)] = _average_precision_at_r(relevant, others[q])
-    return PerQuery(ks=ks, queries=queries, hits=hits, ap=ap, num_classes=int((counts > 1).sum()))
-
-
-# --- exact search back ends -------------------------------------------------------------------------
-
-
-def exact_searcher(x: np.ndarray, backend: str = "auto", device: str = "auto") -> "FlatSearch | TorchSearch":
-    """An exact inner-product searcher over the rows of x (not copied), chosen by what is available.
-
-    auto: torch on a CUDA device when torch sees one (faiss GPU instead when faiss has GPUs),
-    else faiss on the CPU. Every back end returns the same neighbours (tests check the torch
-    one against faiss within 1e-6); only speed differs.
-    """
-    if backend not in ("auto", "faiss", "torch"):
-        raise RetrievalError(f"unknown search backend {backend!r}; use 'auto', 'faiss' or 'torch'")
-    if backend == "auto" or device == "auto":
-        cuda = _cuda_available()
-        if backend == "auto":
-            backend = "faiss" if not cuda or _faiss_gpus() > 0 else "torch"
-        if device == "auto":
-            device = "cuda" if cuda else "cpu"
-    if backend == "faiss":
-        return FlatSearch(x, gpu=device.startswith("cuda") and _faiss_gpus() > 0)
-    return TorchSearch(x, device=device)
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
-    return bool(torch.cuda.is_available())
-
-
-def _faiss_gpus() -> int:
-    import faiss
-
-    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-
-
-class FlatSearch:
-    """faiss brute force over x without building an index: an IndexFlatIP would copy x (2 GiB at 1M x 512)."""
-
-    def __init__(self, x: np.ndarray, gpu: bool = False) -> None:
-        self.x = x
-        self.gpu = gpu
-        self.name = "faiss-gpu" if gpu else "faiss"
-        self._res = None
-
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
-        xq = np.ascontiguousarray(xq, dtype=np.float32)
-        if self.gpu:  # pragma: no cover - needs a GPU build of faiss
-            if self._res is None:
-                self._res = faiss.StandardGpuResources()
-            return faiss.knn_gpu(self._res, xq, self.x, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return faiss.knn(xq, self.x, k, metric=faiss.METRIC_INNER_PRODUCT)
-
-
-class TorchSearch:
-    """Chunked matmul + topk: candidates in reduced precision, then exact fp32 re-ranking.
-
-    Why hand-written: faiss has no CPU-free GPU build on pip, and a GPU evaluates a chunk of
-    queries against the whole gallery with one fp16 matmul and one topk. fp16 scores of unit
-    vectors are within `slack` of the fp32 ones (input rounding 2 x 2^-11, output rounding
-    2^-11, fp32 accumulation), so after re-ranking the `k + margin` fp16 candidates in fp32,
-    a row whose k-th exact score beats the last candidate's fp16 score by more than `slack` is
-    provably the exact top k. Other rows are searched again in fp32. The result equals exact
-    fp32 search; the CPU runs the same code (tests compare it with faiss), only slower.
-    """
-
-    def __init__(self, x: np.ndarray, device: str = "cpu", low: str = "float16", gallery_block: int = 1 << 16,
-                 slack: float = 4e-3) -> None:
-        import torch
-
-        self.device = torch.device(device)
-        self.name = f"torch-{self.device.type}-{low}"
-        self.x = torch.from_numpy(x)  # shares memory
-        self.low = getattr(torch, low)
-        self.gallery = self.x.to(self.device, self.low)  # the only copy: half the size of x in fp16
-        self.full = self.x.to(self.device) if self.device.type != "cpu" else self.x
-        self.block = gallery_block
-        self.slack = slack
-        self.fallback_rows = 0  # rows the certificate sent back to fp32 search (reported by benchmarks)
-
-    def search(self, xq: np.ndarray, k: int, rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        parts = [self._search(xq[b : b + rows], k) for b in range(0, len(xq), rows)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def _search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        n = self.gallery.shape[0]
-        k = min(k, n)
-        width = min(n, k + max(16, k // 2))  # candidates kept before re-ranking
-        q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(self.device)
-        with _fp32_reductions():
-            cand_s, cand_i = self._topk(q.to(self.low), width, low=True)
-        exact = torch.einsum("qd,qcd->qc", q, self.full[cand_i])  # fp32 re-ranking of the candidates
-        top_s, order = exact.topk(k, dim=1)
-        top_i = torch.gather(cand_i, 1, order)
-        if width < n:
-            bad = top_s[:, -1] <= cand_s[:, -1].float() + self.slack
-            if bool(bad.any()):
-                rows = torch.nonzero(bad).squeeze(1)
-                self.fallback_rows += len(rows)
-                s2, i2 = self._topk(q[rows], k, low=False)
-                top_s[rows], top_i[rows] = s2, i2
-        return top_s.cpu().numpy(), top_i.cpu().numpy()
-
-    def _topk(self, q: "torch.Tensor", k: int, low: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Top k over the gallery, in gallery blocks so the score matrix stays chunk x block."""
-        import torch
-
-        g = self.gallery if low else self.full
-        best_s = best_i = None
-        for b in range(0, g.shape[0], self.block):
-            s = q @ g[b : b + self.block].T
-            kk = min(k, s.shape[1])
-            s, i = s.topk(kk, dim=1)
-            i += b
-            if best_s is None:
-                best_s, best_i = s, i
-            else:
-                s = torch.cat([best_s, s], dim=1)
-                i = torch.cat([best_i, i], dim=1)
-                best_s, pos = s.topk(min(k, s.shape[1]), dim=1)
-                best_i = torch.gather(i, 1, pos)
-        return best_s, best_i
-
-
-class _fp32_reductions:
-    """Keep cuBLAS from summing fp16 products in fp16 (the slack above assumes fp32 sums)."""
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.saved = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = self.saved
-
-
-def _approximate(index: str | ApproximateIndex) -> ApproximateIndex | None:
-    if isinstance(index, ApproximateIndex):
-        return index
-    if index == "exact":
-        return None
-    return ApproximateIndex(kind=index)
-
-
-def build_approximate_index(x: np.ndarray, spec: ApproximateIndex, k: int = 0) -> object:
-    """A faiss inner-product index over the (unit) rows of x, built as `spec` says.
-
-    k: the number of neighbours that will be asked for; HNSW's ef_search is raised to k + 1.
-    """
-    import faiss
-
-    n, d = x.shape
-    if spec.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = spec.ef_construction
-        index.hnsw.efSearch = max(spec.ef_search, k + 1)
-        index.add(x)
-        return index
-    nlist = spec.nlist or int(round(4 * np.sqrt(n)))
-    nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants >= 39 training points per cell
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(spec.seed)
-    train = x if n <= 256 * nlist else x[np.sort(rng.choice(n, 256 * nlist, replace=False))]
-    index.train(train)
-    index.add(x)
-    index.nprobe = min(spec.nprobe, nlist)
-    return index
-
-
-def _approximate_neighbours(index: object, x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    """The k best other samples an approximate index returns (-1 where it found fewer)."""
-    n = len(x)
-    width = min(n, k + 1)
-    _, idx = index.search(x[q], width)
-    is_self = idx == q[:, None]
-    missing = ~is_self.any(axis=1)
-    is_self[missing, -1] = True  # self not returned: drop the last column instead
-    out = idx[~is_self].reshape(len(q), width - 1)
-    if out.shape[1] < k:  # n - 1 < k cannot happen (k <= n - 1), kept for safety
-        out = np.pad(out, ((0, 0), (0, k - out.shape[1])), constant_values=-1)
-    return out
+    info = {"backend": getattr(search, "description", type(search).__name__), "rows": int(len(queries)),
+            "fallback_rows": int(getattr(search, "fallback_rows", 0)) - fallback_before}
+    return PerQuery(ks=ks, queries=queries, hits=hits, ap=ap, num_classes=int((counts > 1).sum()), search=info)
 
 
 def _check_inputs(
@@ -395,48 +204,6 @@ def _check_inputs(
     if chunk_size < 1:
         raise RetrievalError(f"chunk_size must be positive, got {chunk_size}")
     return l2_normalize(emb, copy=copy), y
-
-
-def _neighbours(index: object, x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k nearest other samples of each query, ties by lower index."""
-    n = len(x)
-    # one column beyond the k+1 needed shows whether the last needed score is tied with
-    # samples faiss left out of the window (faiss orders and cuts equal scores arbitrarily)
-    width = min(n, k + 2)
-    scores, idx = index.search(x[q], width)
-    order = np.lexsort((idx, -scores), axis=1)
-    top = np.take_along_axis(idx, order, axis=1)[:, : k + 1]
-    if width < n:
-        cut = np.flatnonzero(scores[:, k] <= scores[:, width - 1])
-        if len(cut):
-            top[cut] = _exact_top(x, q[cut], k + 1)
-    is_self = top == q[:, None]
-    missing = ~is_self.any(axis=1)
-    is_self[missing, -1] = True  # self tied out of the window: drop the last column instead
-    return top[~is_self].reshape(len(q), k)
-
-
-def _exact_top(x: np.ndarray, q: np.ndarray, m: int, budget: int = 1 << 23) -> np.ndarray:
-    """Top m by (-score, index) against every sample, for the rows whose ties faiss cut.
-
-    Hand-written because faiss has no tie rule; rare outside duplicate images or a collapsed
-    model, and memory stays at `budget` scores per block.
-    """
-    n = len(x)
-    out = np.empty((len(q), m), dtype=np.int64)
-    rows = max(1, budget // n)
-    for b in range(0, len(q), rows):
-        s = x[q[b : b + rows]] @ x.T  # (B, n)
-        threshold = np.partition(s, n - m, axis=1)[:, n - m][:, None]  # the m-th largest
-        above = s > threshold
-        need = m - above.sum(axis=1, keepdims=True)
-        equal = s == threshold
-        chosen = above | (equal & (np.cumsum(equal, axis=1) <= need))
-        idx = np.nonzero(chosen)[1].reshape(-1, m)  # row-major: ascending index per row
-        val = np.take_along_axis(s, idx, axis=1)
-        order = np.lexsort((idx, -val), axis=1)
-        out[b : b + rows] = np.take_along_axis(idx, order, axis=1)
-    return out
 
 
 def _average_precision_at_r(relevant: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -544,9 +311,11 @@ def evaluate_retrieval(
                                "backend": None, "search": "exact inner product on unit rows (fp32 scores)"}
     started = time.perf_counter()
 
+    reuse: dict[str, Any] = {}  # the pilot's searcher serves the rest of the sample
+
     def run(queries: np.ndarray | None) -> PerQuery:
         return per_query_metrics(embeddings, labels, ks, st.chunk_size, queries=queries,
-                                 backend=st.backend, device=st.device, copy=copy)
+                                 backend=st.backend, device=st.device, copy=copy, reuse=reuse)
 
     sampled = st.mode == "sampled" or (st.mode == "auto" and n > st.exact_max_samples)
     if not sampled or len(eligible) == 0:
@@ -574,7 +343,9 @@ def evaluate_retrieval(
     rest = run(np.sort(perm[len(pilot.queries) : size]))  # the pilot's queries are not searched twice
     both = PerQuery(ks=pilot.ks, queries=np.concatenate([pilot.queries, rest.queries]),
                     hits=np.concatenate([pilot.hits, rest.hits]), ap=np.concatenate([pilot.ap, rest.ap]),
-                    num_classes=rest.num_classes)
+                    num_classes=rest.num_classes,
+                    search={**rest.search, "rows": pilot.search["rows"] + rest.search["rows"],
+                            "fallback_rows": pilot.search["fallback_rows"] + rest.search["fallback_rows"]})
     return _report(both, len(eligible), details, started, st)
 
 
@@ -631,16 +402,7 @@ def _report(per: PerQuery, population: int | None, details: dict[str, Any], star
         method = "sampled"
         details["interval_method"] = INTERVALS
     details["num_queries"] = int(len(per.queries))
-    details["backend"] = _backend_name(st)
+    details["backend"] = per.search.get("backend")
+    details["search_fallback_rows"] = per.search.get("fallback_rows", 0)
     details["seconds"] = round(time.perf_counter() - started, 3)
     return RetrievalReport(metrics=metrics, intervals=intervals, method=method, details=details)
-
-
-def _backend_name(st: EvaluationSettings) -> str:
-    backend, device = st.backend, st.device
-    cuda = _cuda_available() if "auto" in (backend, device) else device.startswith("cuda")
-    if backend == "auto":
-        backend = "faiss" if not cuda or _faiss_gpus() > 0 else "torch"
-    if device == "auto":
-        device = "cuda" if cuda else "cpu"
-    return f"{backend} on {device}" + (" (fp16 candidates, exact fp32 re-ranking)" if backend == "torch" else "")

@@ -132,6 +132,9 @@ class EvaluateInput(StepModel):
     sample_queries: int | None = Field(None, ge=1, description="Fixed number of sampled queries (default: sized for target_half_width)")
     target_half_width: float = Field(0.005, gt=0, lt=0.5, description="Recall@1 95% interval half-width the sample is sized for")
     sample_seed: int = Field(0, description="Seed of the query sample")
+    search_backend: str = Field("auto", pattern="^(auto|faiss|int8|torch)$",
+                                description="Exact search: auto (int8 candidates re-ranked in fp32 on the CPU for large sets, "
+                                            "else faiss; torch on a GPU), or force faiss, int8 or torch; all give the same neighbours")
 
 
 class EvaluateOutput(StepModel):

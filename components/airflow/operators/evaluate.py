@@ -11,7 +11,7 @@ class EvaluateRecallOperator(ImltStepOperator):
 
     Arguments (all templated): EvaluateInput's fields: model_dir, dataset_dir, output_dir, ks,
     batch_size, reader_threads, eval_mode, exact_max_samples, sample_queries, target_half_width,
-    sample_seed. XCom: {"metrics_dir", "metrics": {...}}, as in metrics.json.
+    sample_seed, search_backend. XCom: {"metrics_dir", "metrics": {...}}, as in metrics.json.
     """
 
     step = "evaluate"
