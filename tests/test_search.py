@@ -69,12 +69,14 @@ def test_the_int8_gemm_is_exact_at_the_saturation_extremes() -> None:
     assert np.allclose(got, want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("width, block", [(30, 96), (30, 600), (1000, 128)])
-def test_int8_search_equals_faiss_exact(width: int, block: int) -> None:
+def test_int8_search_equals_faiss_exact(width: int, block: int, threads: int) -> None:
     # width 30: candidates are a few per cent of the gallery, so the certificate decides (ragged
-    # last block at 96 rows); width 1000 > n: every sample is a candidate, nothing to certify
+    # last block at 96 rows); width 1000 > n: every sample is a candidate, nothing to certify.
+    # threads 3: the 4 query chunks run side by side
     xn = l2_normalize(_ties_free()[0])
-    s8 = Int8Search(xn, gallery_block=block, width=width, rows=64)
+    s8 = Int8Search(xn, gallery_block=block, width=width, rows=64, threads=threads)
     rows = np.arange(0, 600, 3)
     s, i = s8.search(xn[rows], 12)
     _same_as_faiss(xn, s, i, rows, 12)

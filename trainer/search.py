@@ -6,7 +6,7 @@ the lower sample index): tests compare each with faiss brute force within 1e-6.
 - FlatSearch: faiss brute force without an index (no copy of the gallery); faiss GPU where installed.
 - TorchSearch: chunked matmul + topk with fp16 candidates re-ranked in fp32 (the CUDA path).
 - Int8Search: int8 candidates from an integer GEMM (onnxruntime), re-ranked in fp32 (the CPU
-  path for large galleries: two thirds of faiss's CPU time at 1M x 512, single-threaded).
+  path for large galleries: two thirds of faiss's CPU time at 1M x 512; query chunks on every CPU).
 
 The reduced-precision back ends are exact by a certificate: a row's candidates are re-ranked in
 fp32 and the row is kept only if its k-th exact score provably beats every sample that was not
@@ -120,7 +120,7 @@ def exact_searcher(x: np.ndarray, backend: str = "auto", device: str = "auto") -
 
     auto: torch on a CUDA device when torch sees one (faiss GPU instead when faiss has GPUs);
     on the CPU, Int8Search from INT8_MIN_GALLERY rows on (two thirds of faiss's CPU seconds at
-    1M, benchmarks/eval_scale.py; single-threaded, so faiss's wall time is shorter on idle cores), faiss below. "faiss", "int8" or "torch" force a back end. Every
+    1M, benchmarks/eval_scale.py), faiss below. "faiss", "int8" or "torch" force a back end. Every
     back end returns the same neighbours (tests check them against faiss within 1e-6); only
     speed differs.
     """
@@ -518,9 +518,9 @@ def _int8_matmul() -> object:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     options = ort.SessionOptions()
-    # single-threaded runs: with a thread pool inside each GEMM, threads spin and yield at every
-    # GEMM's end waiting for a descheduled partner, which on the loaded 2-core machine more than
-    # doubled the CPU time (measured at 1M)
+    # single-threaded GEMMs (Int8Search.search runs chunks side by side instead): with a thread pool
+    # inside each GEMM, threads spin and yield at every GEMM's end waiting for a descheduled partner,
+    # which on the loaded 2-core machine more than doubled the CPU time (measured at 1M)
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
