@@ -68,7 +68,7 @@ from imlt.trainer import checkpoint as ckpt
 from imlt.trainer import storage
 from imlt.trainer.collectives import barrier, max_across_ranks, mean_across_ranks
 from imlt.trainer.compute import distributed_session, resolve_compute, sigterm_flag, unwrap, usage_record, wrap_objective
-from imlt.trainer.config import AmpDtype, ConfigError, ModelType, RunConfig
+from imlt.trainer.config import FIXED_SCALE_LOSSES, AmpDtype, ConfigError, ModelType, RunConfig, class_count_scale
 from imlt.trainer.data.manifest import MANIFEST, check_labels, read_classes, read_manifest, with_dataset_classes
 from imlt.trainer.data.stream import build_stream, seed_everything
 from imlt.trainer.device import check_fp16, resolve_device, torch_threads, training_threads
@@ -259,9 +259,7 @@ class Trainer:
             len(self.loader.dataset), len(self.classes),  # type: ignore[arg-type]
             self.steps_per_epoch, self.epoch + 1, epochs, epochs,
         )
-        if self.cfg.loss.auto_scale:
-            self._log("%s: logit scale %.2f from %d classes (loss.auto_scale)", self.cfg.loss.name.value,
-                      loss_scale(self.cfg.loss, len(self.classes)), len(self.classes))
+        self._log_scale()
         self._log("checkpoints in %s (the last %d epochs and the best)", self.checkpoint_dir, self.cfg.train.keep_checkpoints)
         with sigterm_flag(self._on_sigterm):
             while self.epoch < epochs and not self.stop_reason and not self.patience_exhausted:
@@ -416,6 +414,18 @@ class Trainer:
 
     def _on_sigterm(self) -> None:
         self._term_requested = True  # only a flag: the loop checks it at the next step boundary
+
+    def _log_scale(self) -> None:
+        """The class-count scale in use, or a warning when the configured one is far above it."""
+        loss, classes = self.cfg.loss, len(self.classes)
+        if loss.auto_scale:
+            self._log("%s: logit scale %.2f from %d classes (loss.auto_scale)", loss.name.value,
+                      loss_scale(loss, classes), classes)
+        elif loss.name in FIXED_SCALE_LOSSES and float(loss.scale) > 8 * class_count_scale(classes):  # type: ignore[arg-type]
+            self._log("loss.scale=%g is %.0fx the class-count scale %.1f for %d classes: on few classes so large a "
+                      "scale over-specialises the embedding (unseen classes retrieve worse); loss.auto_scale=true "
+                      "uses the class-count scale", loss.scale, float(loss.scale) / class_count_scale(classes),  # type: ignore[arg-type]
+                      class_count_scale(classes), classes, level=logging.WARNING)
 
     def _log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
         if self.env.is_main:
