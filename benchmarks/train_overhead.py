@@ -64,7 +64,8 @@ def _ours(spec: dict[str, Any]) -> list[dict[str, float]]:
         "loss": {"name": "ArcFace"},
         "optim": {"optimizer": "SGD", "lr": 0.05, "scheduler": "cosine"},
         "train": {"batch_size": spec["batch_size"], "epochs": spec["epochs"], "checkpoint_every": spec["epochs"],
-                  "seed": spec["seed"], "device": spec["device"], "validate_every": 1},
+                  "seed": spec["seed"], "device": spec["device"], "validate_every": 1,
+                  "threads": spec["threads"]},  # as many as the bare loop (the default would subtract the loader workers)
     })
     out = run_training(TrainInput(config=cfg, train_dataset=spec["dataset"], resume=False,
                                   val_dataset=spec["val"] if spec["validate"] else None))
