@@ -6,7 +6,7 @@ the lower sample index): tests compare each with faiss brute force within 1e-6.
 - FlatSearch: faiss brute force without an index (no copy of the gallery); faiss GPU where installed.
 - TorchSearch: chunked matmul + topk with fp16 candidates re-ranked in fp32 (the CUDA path).
 - Int8Search: int8 candidates from an integer GEMM (onnxruntime), re-ranked in fp32 (the CPU
-  path for large galleries: two thirds of faiss's CPU time at 1M x 512; query chunks on every CPU).
+  path for large galleries: 0.81x faiss's CPU time at 1M x 512; query chunks on every CPU).
 
 The reduced-precision back ends are exact by a certificate: a row's candidates are re-ranked in
 fp32 and the row is kept only if its k-th exact score provably beats every sample that was not
@@ -112,15 +112,18 @@ def approximate_neighbours(index: object, x: np.ndarray, q: np.ndarray, k: int) 
 
 
 BACKENDS = ("auto", "faiss", "int8", "torch")
-INT8_MIN_GALLERY = 65_536  # auto picks Int8Search on the CPU from this gallery size on
+# auto picks Int8Search on the CPU from this gallery size on. Measured (benchmarks.eval_scale, same
+# queries, 2 idle cores): at 100k x 512 faiss took 0.6x int8's CPU time and a quarter of its extra
+# memory; at 1M int8 took 0.81x faiss's. Between the two the crossover was not measured.
+INT8_MIN_GALLERY = 500_000
 
 
 def exact_searcher(x: np.ndarray, backend: str = "auto", device: str = "auto") -> "FlatSearch | TorchSearch | Int8Search":
     """An exact inner-product searcher over the rows of x (not copied), chosen by what is available.
 
     auto: torch on a CUDA device when torch sees one (faiss GPU instead when faiss has GPUs);
-    on the CPU, Int8Search from INT8_MIN_GALLERY rows on (two thirds of faiss's CPU seconds at
-    1M, benchmarks/eval_scale.py), faiss below. "faiss", "int8" or "torch" force a back end. Every
+    on the CPU, Int8Search from INT8_MIN_GALLERY rows on (0.81x faiss's CPU seconds at 1M,
+    benchmarks/eval_scale.py), faiss below. "faiss", "int8" or "torch" force a back end. Every
     back end returns the same neighbours (tests check them against faiss within 1e-6); only
     speed differs.
     """
