@@ -56,9 +56,9 @@ LOSS_DEFAULTS: dict[LossName, tuple[float, float]] = {
 }
 
 # Losses whose logits are scale * cosine (a fixed temperature). LargeMarginSoftmax and SphereFace
-# (PML) multiply by the class centres' norms as well, so their scale is learned, not set.
-FIXED_SCALE_LOSSES = {LossName.AMSOFTMAX, LossName.ARCFACE, LossName.COSFACE, LossName.MODEL_PARALLEL_AMSOFTMAX,
-                      LossName.MODEL_PARALLEL_SOFTMAX}
+# (PML) multiply by the class centres' norms as well, and ModelParallelSoftmax is a linear classifier,
+# so their scale is learned, not set.
+FIXED_SCALE_LOSSES = {LossName.AMSOFTMAX, LossName.ARCFACE, LossName.COSFACE, LossName.MODEL_PARALLEL_AMSOFTMAX}
 
 
 def class_count_scale(num_classes: int) -> float:
@@ -225,7 +225,7 @@ class LossConfig(_Section):
     auto_scale: bool = Field(
         False, description="Logit scale from the class count, sqrt(2) ln(C - 1) (AdaCos), instead of loss.scale: "
         "the reference scales suit thousands of classes and over-specialise the embedding on tens "
-        "(AMSoftmax, ArcFace, CosFace, the model-parallel losses)"
+        "(AMSoftmax, ArcFace, CosFace, ModelParallelAMSoftmax)"
     )
     weight: float = Field(1.0, ge=0, le=1, description="Weight of the metric loss; 1 - weight goes to a plain softmax classifier")
 
@@ -238,7 +238,7 @@ class LossConfig(_Section):
             raise ValueError(
                 f"loss.auto_scale applies to losses with a fixed logit scale "
                 f"({', '.join(sorted(n.value for n in FIXED_SCALE_LOSSES))}); {self.name.value} learns its scale "
-                "through the class centres' norms"
+                "through the norms of its class weights"
             )
         if self.margin is None:
             object.__setattr__(self, "margin", margin)
