@@ -82,13 +82,12 @@ def _config(out: str, *, dtype: str, batch: int, image_size: int, epochs: int, w
 
 def our_train_rate(dataset: str, out: str, *, dtype: str, batch: int, image_size: int, epochs: int, workers: int) -> float:
     """Steady-state images/s of run_training (first epoch left out: cuDNN autotuning, worker start)."""
+    from benchmarks.train_overhead import steady_rate
     from imlt.trainer.engine import run_training
     from imlt.trainer.steps import TrainInput
 
     cfg = _config(out, dtype=dtype, batch=batch, image_size=image_size, epochs=epochs, workers=workers, lr=0.05)
-    history = run_training(TrainInput(config=cfg, train_dataset=dataset, resume=False)).history
-    steady = history[1:] or history
-    return sum(h["images"] for h in steady) / sum(h["seconds"] for h in steady)
+    return steady_rate(run_training(TrainInput(config=cfg, train_dataset=dataset, resume=False)).history)
 
 
 def fp16_guard(dataset: str, out: str, *, image_size: int, workers: int) -> str:

@@ -52,6 +52,12 @@ def prepare_datasets(root: Path, per_class: int, image_size: int) -> tuple[str, 
     return train.dataset_dir, val.dataset_dir
 
 
+def steady_rate(epochs: list[dict[str, Any]], with_val: bool = False) -> float:
+    """Steady-state images/s of one run (the first epoch left out), validation time included or not."""
+    steady = epochs[1:] or epochs
+    return sum(e["images"] for e in steady) / sum(e["seconds"] + ((e["val_seconds"] or 0) if with_val else 0) for e in steady)
+
+
 def _ours(spec: dict[str, Any]) -> list[dict[str, float]]:
     from imlt.trainer.config import validate_config
     from imlt.trainer.engine import run_training
@@ -203,16 +209,11 @@ def main() -> None:
                 r = C.run_child(MODULE, {**base, "loop": loop, "output_dir": str(Path(tmp, f"run-{loop}-{rep}"))})
                 epochs[loop].append(r["per_epoch"])
 
-    def rate(run: list[dict[str, float]], with_val: bool) -> float:
-        """Steady-state images/s of one run (the first epoch left out), validation time included or not."""
-        steady = run[1:] or run
-        return sum(e["images"] for e in steady) / sum(e["seconds"] + (e["val_seconds"] if with_val else 0) for e in steady)
-
     measures = [("training", False)] + ([("training + validation", True)] if args.validate else [])
     columns = ["loop", "images/s of", "median images/s", "vs bare loop", "runs (steady-state images/s)"]
     rows, headlines = [], []
     for what, with_val in measures:
-        runs = {loop: [rate(r, with_val) for r in epochs[loop]] for loop in epochs}
+        runs = {loop: [steady_rate(r, with_val) for r in epochs[loop]] for loop in epochs}
         ours, bare = statistics.median(runs["ours"]), statistics.median(runs["bare"])
         spread = (max(runs["bare"]) - min(runs["bare"])) / bare if bare else 0.0
         rows += [["ours (trainer.engine.run_training = imlt train)", what, f"{ours:.0f}", C.ratio(ours, bare),

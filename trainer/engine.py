@@ -418,14 +418,13 @@ class Trainer:
     def _log_scale(self) -> None:
         """The class-count scale in use, or a warning when the configured one is far above it."""
         loss, classes = self.cfg.loss, len(self.classes)
+        auto, scale = class_count_scale(classes), loss_scale(loss, classes)
         if loss.auto_scale:
-            self._log("%s: logit scale %.2f from %d classes (loss.auto_scale)", loss.name.value,
-                      loss_scale(loss, classes), classes)
-        elif loss.name in FIXED_SCALE_LOSSES and float(loss.scale) > 8 * class_count_scale(classes):  # type: ignore[arg-type]
+            self._log("%s: logit scale %.2f from %d classes (loss.auto_scale)", loss.name.value, scale, classes)
+        elif loss.name in FIXED_SCALE_LOSSES and scale > 8 * auto:
             self._log("loss.scale=%g is %.0fx the class-count scale %.1f for %d classes: on few classes so large a "
                       "scale over-specialises the embedding (unseen classes retrieve worse); loss.auto_scale=true "
-                      "uses the class-count scale", loss.scale, float(loss.scale) / class_count_scale(classes),  # type: ignore[arg-type]
-                      class_count_scale(classes), classes, level=logging.WARNING)
+                      "uses the class-count scale", scale, scale / auto, auto, classes, level=logging.WARNING)
 
     def _log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
         if self.env.is_main:
