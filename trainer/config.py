@@ -75,6 +75,10 @@ def class_count_scale(num_classes: int) -> float:
     return max(1.0, math.sqrt(2.0) * math.log(max(num_classes - 1, 1)))
 
 
+# The exact-search back ends the evaluate step accepts (trainer.search implements them).
+SEARCH_BACKENDS = ("auto", "faiss", "int8", "torch")
+
+
 class AmpDtype(str, Enum):
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"

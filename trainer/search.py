@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from imlt.trainer.config import SEARCH_BACKENDS
 from imlt.trainer.device import available_cpus
 
 if TYPE_CHECKING:
@@ -111,7 +112,6 @@ def approximate_neighbours(index: object, x: np.ndarray, q: np.ndarray, k: int) 
 # --- exact search back ends -------------------------------------------------------------------------
 
 
-BACKENDS = ("auto", "faiss", "int8", "torch")
 # auto picks Int8Search on the CPU from this gallery size on. Measured (benchmarks.eval_scale, same
 # queries, 2 idle cores): at 100k x 512 faiss took 0.6x int8's CPU time and a quarter of its extra
 # memory; at 1M int8 took 0.81x faiss's. Between the two the crossover was not measured.
@@ -127,8 +127,8 @@ def exact_searcher(x: np.ndarray, backend: str = "auto", device: str = "auto") -
     back end returns the same neighbours (tests check them against faiss within 1e-6); only
     speed differs.
     """
-    if backend not in BACKENDS:
-        raise RetrievalError(f"unknown search backend {backend!r}; use {', '.join(repr(b) for b in BACKENDS)}")
+    if backend not in SEARCH_BACKENDS:
+        raise RetrievalError(f"unknown search backend {backend!r}; use {', '.join(repr(b) for b in SEARCH_BACKENDS)}")
     backend, device = resolve_backend(backend, device, len(x))
     if backend == "faiss":
         return FlatSearch(x, gpu=device.startswith("cuda") and _faiss_gpus() > 0)

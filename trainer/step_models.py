@@ -20,7 +20,7 @@ from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from imlt.trainer.config import DataFormat, RunConfig
+from imlt.trainer.config import SEARCH_BACKENDS, DataFormat, RunConfig
 
 
 class StepModel(BaseModel):
@@ -132,7 +132,7 @@ class EvaluateInput(StepModel):
     sample_queries: int | None = Field(None, ge=1, description="Fixed number of sampled queries (default: sized for target_half_width)")
     target_half_width: float = Field(0.005, gt=0, lt=0.5, description="Recall@1 95% interval half-width the sample is sized for")
     sample_seed: int = Field(0, description="Seed of the query sample")
-    search_backend: str = Field("auto", pattern="^(auto|faiss|int8|torch)$",
+    search_backend: str = Field("auto", pattern=f"^({'|'.join(SEARCH_BACKENDS)})$",
                                 description="Exact search: auto (int8 candidates re-ranked in fp32 on the CPU for large sets, "
                                             "else faiss; torch on a GPU), or force faiss, int8 or torch; all give the same neighbours")
 
