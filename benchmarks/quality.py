@@ -80,7 +80,7 @@ def glyph_val(per_class: int) -> int:
 
 def train_and_score(spec: dict[str, Any]) -> dict[str, float] | None:
     """Train one model and score the unseen classes; None if the loss diverged."""
-    from imlt.trainer.config import FIXED_SCALE_LOSSES, LossName, validate_config
+    from imlt.trainer.config import validate_config
     from imlt.trainer.data.manifest import read_manifest
     from imlt.trainer.engine import NonFiniteLossError, run_training
     from imlt.trainer.evaluate import embed
@@ -92,7 +92,7 @@ def train_and_score(spec: dict[str, Any]) -> dict[str, float] | None:
         "output_dir": spec["output_dir"],
         "data": {"image_size": spec["image_size"], "reader_threads": spec["workers"]},
         "model": {"backbone": spec["backbone"], "feature_dim": spec["feature_dim"]},
-        "loss": {"name": spec["loss"], "auto_scale": spec["auto_scale"] and LossName(spec["loss"]) in FIXED_SCALE_LOSSES},
+        "loss": {"name": spec["loss"], **({"auto_scale": False} if spec["reference_scale"] else {})},
         "optim": {"optimizer": spec["optimizer"], "lr": spec["lr"], "weight_decay": spec["weight_decay"],
                   "scheduler": "cosine"},
         "train": {"batch_size": spec["batch_size"], "epochs": spec["epochs"], "checkpoint_every": spec["epochs"],
@@ -160,8 +160,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: the optimiser's product default)")
     p.add_argument("--weight-decay", type=float, default=None, help="Weight decay (default: the optimiser's product default)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers while training")
-    p.add_argument("--auto-scale", action="store_true",
-                   help="loss.auto_scale for the fixed-scale losses (AMSoftmax, ArcFace, CosFace): the class-count scale")
+    p.add_argument("--reference-scale", action="store_true",
+                   help="Train at the reference component's logit scales (loss.auto_scale=false: AMSoftmax 30, ArcFace and "
+                        "CosFace 64) instead of the product default, the class-count scale")
     args = p.parse_args()
     from imlt.trainer.config import OPTIM_DEFAULTS, OptimizerName
 
@@ -206,7 +207,7 @@ def main() -> None:
                         "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
                         "feature_dim": args.feature_dim, "optimizer": args.optimizer, "lr": args.lr,
                         "weight_decay": args.weight_decay, "workers": args.workers, "device": args.device,
-                        "auto_scale": args.auto_scale,
+                        "reference_scale": args.reference_scale,
                     }
                     m = train_and_score(spec)
                     if m is None:
@@ -241,15 +242,15 @@ def main() -> None:
         f"train (every {args.digits_every}. scan), 5-9 unseen (all ~900); {args.epochs} epochs, batch {args.batch_size}, "
         f"{args.optimizer} lr {args.lr} weight decay {args.weight_decay} cosine, {args.threads} torch thread(s), "
         f"{args.feature_dim}-d embeddings, product default margin per loss, "
-        + ("scale from the class count (loss.auto_scale: sqrt(2) ln 59 = 5.77 on glyphs; LargeMarginSoftmax and SphereFace "
-           "learn theirs)" if args.auto_scale else "product default scale per loss")
+        + ("the reference component's scale per loss" if args.reference_scale else
+           "product default scale per loss (the class-count scale sqrt(2) ln 59 = 5.77 on glyphs for the fixed-scale losses)")
         + f"; {args.seeds} training seeds "
         "(raw pixels have no seed).\n\n"
         + C.markdown_table(columns, rows)
     )
     # one section per recipe: runs of different recipes (e.g. side by side on two cores) keep each other's results
     variant = "".join(f"_{v}" for v in (args.optimizer.lower() if args.optimizer != "AdamW" else "",
-                                        "auto_scale" if args.auto_scale else "") if v)
+                                        "reference_scale" if args.reference_scale else "") if v)
     title = "Quality: Recall@K and MAP@R on unseen classes" + (f" ({variant[1:].replace('_', ' ')})" if variant else "")
     C.report(args, MODULE, "quality" + variant, title, headlines, body, info=info, started=started)
 

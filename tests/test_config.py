@@ -4,6 +4,7 @@ import math
 import pytest
 
 from imlt.trainer.config import (
+    FIXED_SCALE_LOSSES,
     LOSS_DEFAULTS,
     ConfigError,
     LossName,
@@ -17,16 +18,24 @@ BASE = {"output_dir": "/tmp/out"}
 def test_reference_defaults() -> None:
     cfg = load_config(BASE)
     assert cfg.model.backbone == "resnet_50" and cfg.model.backbone_feature_dim == 2048
-    assert cfg.loss.name == LossName.AMSOFTMAX and (cfg.loss.margin, cfg.loss.scale) == (0.4, 30.0)
+    assert cfg.loss.name == LossName.AMSOFTMAX and cfg.loss.margin == 0.4
+    assert cfg.loss.auto_scale and cfg.loss.scale is None  # the class-count scale, not the reference 30
     assert cfg.compute.model_type.value == "data-parallel"
     assert cfg.train.max_hours == 24
 
 
 @pytest.mark.parametrize("name", list(LossName))
-def test_each_loss_gets_its_reference_margin_and_scale(name: LossName) -> None:
+def test_each_loss_gets_its_reference_margin_and_scale_without_auto_scale(name: LossName) -> None:
     mp = name.value.startswith("ModelParallel")
-    cfg = load_config({**BASE, "loss": {"name": name.value}, "compute": {"model_type": "model-parallel" if mp else "data-parallel"}})
-    assert (cfg.loss.margin, cfg.loss.scale) == LOSS_DEFAULTS[name]
+    compute = {"model_type": "model-parallel" if mp else "data-parallel"}
+    cfg = load_config({**BASE, "loss": {"name": name.value}, "compute": compute})
+    assert cfg.loss.margin == LOSS_DEFAULTS[name][0]
+    assert cfg.loss.auto_scale == (name in FIXED_SCALE_LOSSES)
+    assert cfg.loss.scale == (None if cfg.loss.auto_scale else LOSS_DEFAULTS[name][1])
+    ref = load_config({**BASE, "loss": {"name": name.value, "auto_scale": False}, "compute": compute})
+    assert (ref.loss.margin, ref.loss.scale) == LOSS_DEFAULTS[name]
+    explicit = load_config({**BASE, "loss": {"name": name.value, "scale": 7.5}, "compute": compute})
+    assert explicit.loss.scale == 7.5 and not explicit.loss.auto_scale
 
 
 @pytest.mark.parametrize("name, centres", [("ArcFace", "pml"), ("AMSoftmax", None)])
@@ -34,12 +43,13 @@ def test_auto_scale_trains_at_the_class_count_scale(name: str, centres: str | No
     """AdaCos's fixed scale sqrt(2) ln(C - 1): 5.77 for 60 classes, 16.05 for 85,000, never below 1."""
     from imlt.trainer.losses import build_loss
 
-    cfg = load_config({**BASE, "loss": {"name": name, "auto_scale": True}})
+    cfg = load_config({**BASE, "loss": {"name": name}})  # the default
     assert cfg.loss.scale is None and cfg.loss.margin == LOSS_DEFAULTS[LossName(name)][0]
     for classes, scale in ((60, 5.7665), (85_000, 16.0519), (2, 1.0)):
         loss = build_loss(cfg.loss, classes, 8)
         assert (getattr(loss, centres) if centres else loss).scale == pytest.approx(scale, abs=1e-4)
-    assert math.isclose(build_loss(load_config(BASE).loss, 60, 8).scale, 30.0)  # off: the reference scale
+    off = load_config({**BASE, "loss": {"auto_scale": False}}).loss
+    assert math.isclose(build_loss(off, 60, 8).scale, 30.0)  # off: the reference scale
 
 
 def test_explicit_margin_wins() -> None:
@@ -56,7 +66,7 @@ def test_explicit_margin_wins() -> None:
         ({"train": {"fp16": True, "device": "cpu"}}, ["fp16", "CUDA"]),
         ({"train": {"batch_size": 0}}, ["train.batch_size", "greater than 0"]),
         ({"train": {"amp_dtype": "half"}}, ["train.amp_dtype", "'float16'", "'bfloat16'"]),
-        ({"loss": {"name": "SphereFace", "auto_scale": True}}, ["loss.auto_scale", "SphereFace", "ArcFace"]),
+        ({"loss": {"name": "LargeMarginSoftmax", "auto_scale": True}}, ["loss.auto_scale", "LargeMarginSoftmax", "SphereFace"]),
         ({"loss": {"name": "ArcFace", "auto_scale": True, "scale": 30}}, ["loss.auto_scale", "remove loss.scale=30"]),
         ({"train": {"max_hours": 30}}, ["train.max_hours", "24"]),
         ({"loss": {"name": "Triplet"}}, ["loss.name", "AMSoftmax", "'Triplet'"]),

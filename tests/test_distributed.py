@@ -173,7 +173,8 @@ def test_shard_range_covers_classes_once(num_classes: int, world: int) -> None:
 @pytest.mark.parametrize("kind", ["softmax", "amsoftmax"])
 def test_one_process_equals_reference(kind: str) -> None:
     inp = _inputs()
-    cfg = LossConfig(name=LossName.MODEL_PARALLEL_SOFTMAX if kind == "softmax" else LossName.MODEL_PARALLEL_AMSOFTMAX)
+    cfg = LossConfig(name=LossName.MODEL_PARALLEL_SOFTMAX if kind == "softmax" else LossName.MODEL_PARALLEL_AMSOFTMAX,
+                     auto_scale=False)
     loss_fn = build_loss(cfg, NUM_CLASSES, DIM, env=DistEnv()).double()
     if kind == "softmax":
         loss_fn.scale = SOFTMAX_SCALE  # the config default is 1.0; keep the reference's constant
@@ -190,7 +191,7 @@ def test_one_process_equals_reference(kind: str) -> None:
 
 
 def test_build_uses_config_defaults_and_rejects_a_softmax_margin() -> None:
-    am = build_loss(LossConfig(name=LossName.MODEL_PARALLEL_AMSOFTMAX), 10, 4, env=DistEnv())
+    am = build_loss(LossConfig(name=LossName.MODEL_PARALLEL_AMSOFTMAX, auto_scale=False), 10, 4, env=DistEnv())
     assert (am.margin, am.scale) == LOSS_DEFAULTS[LossName.MODEL_PARALLEL_AMSOFTMAX]
     with pytest.raises(ValueError, match="has no margin"):
         build_loss(LossConfig(name=LossName.MODEL_PARALLEL_SOFTMAX, margin=0.3), 10, 4, env=DistEnv())
@@ -198,7 +199,7 @@ def test_build_uses_config_defaults_and_rejects_a_softmax_margin() -> None:
 
 def test_loss_weight_mixes_in_a_sharded_softmax_head() -> None:
     inp = _inputs()
-    cfg = LossConfig(name=LossName.MODEL_PARALLEL_AMSOFTMAX, weight=0.7)
+    cfg = LossConfig(name=LossName.MODEL_PARALLEL_AMSOFTMAX, weight=0.7, auto_scale=False)
     loss_fn = build_loss(cfg, NUM_CLASSES, DIM, env=DistEnv()).double()
     loss_fn.classifier.load_full_weight(inp["weight"])
     head = torch.randn(NUM_CLASSES, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
