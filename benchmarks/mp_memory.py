@@ -37,11 +37,7 @@ MODES = ("data-parallel", "model-parallel")
 
 
 def _build(mode: str, num_classes: int, dim: int, env: Any) -> tuple[Any, int, list[Any]]:
-    import torch
-
-    from imlt.trainer.collectives import barrier
     from imlt.trainer.losses import ModelParallelAMSoftmax
-    from imlt.trainer.process_group import destroy_process_group, init_process_group
 
     if mode == "model-parallel":
         loss_fn = ModelParallelAMSoftmax(num_classes, dim, env)
@@ -81,7 +77,6 @@ def worker(spec: dict[str, Any]) -> None:
     import torch
 
     from imlt.trainer.collectives import barrier
-    from imlt.trainer.losses import ModelParallelAMSoftmax
     from imlt.trainer.process_group import destroy_process_group, init_process_group
 
     env = init_process_group("cpu")

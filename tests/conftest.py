@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support.fake_kube import FakeCluster
 from tests.support.images import image_bytes
 from tests.support.oss_server import OSS_TEST_ACCESS_KEY_ID, OSS_TEST_ACCESS_KEY_SECRET, OSS_TEST_BUCKET, OssTestServer
 
@@ -63,21 +61,6 @@ def oss_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OssTestServer]:
         finally:
             storage.configure_oss(None)
             storage.reset_clients()
-
-
-@pytest.fixture
-def fake_cluster(tmp_path: Path) -> Iterator[Callable[..., FakeCluster]]:
-    """fake_cluster(secrets=..., ...) -> a running FakeCluster in tmp_path, stopped after the test."""
-    started: list[FakeCluster] = []
-
-    def make(**kwargs: Any) -> FakeCluster:
-        cluster = FakeCluster(tmp_path, **kwargs).__enter__()
-        started.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in reversed(started):
-        cluster.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -27,6 +27,9 @@ class ModelParallelLoss(nn.Module):
     """
 
     normalize: bool = False
+    # reference margin and scale; the config passes its own values (LOSS_DEFAULTS) through from_config
+    default_margin: float = 0.0
+    default_scale: float = 1.0
 
     def __init__(
         self,
@@ -34,12 +37,16 @@ class ModelParallelLoss(nn.Module):
         embedding_dim: int,
         env: DistEnv | None = None,
         *,
+        margin: float | None = None,
+        scale: float | None = None,
         weight: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"loss weight must be in [0, 1], got {weight}")
+        self.margin = self.default_margin if margin is None else margin
+        self.scale = self.default_scale if scale is None else scale
         self.classifier = ShardedClassifier(num_classes, embedding_dim, env, normalize=self.normalize, seed=seed)
         self.weight = weight
         self.head = ShardedClassifier(num_classes, embedding_dim, env, seed=seed + 1) if weight < 1.0 else None
@@ -47,7 +54,7 @@ class ModelParallelLoss(nn.Module):
     @classmethod
     def from_config(cls, margin: float, scale: float, weight: float, num_classes: int, embedding_dim: int, **kw: Any) -> ModelParallelLoss:
         """What the loss registry calls; `kw` holds the job's `env` and the run's `seed`."""
-        raise NotImplementedError
+        return cls(num_classes, embedding_dim, kw.get("env"), margin=margin, scale=scale, weight=weight, seed=kw.get("seed", 0))
 
     def logits(self, all_embeddings: torch.Tensor, target_index: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from imlt.trainer.losses.model_parallel_loss import ModelParallelLoss
-from imlt.trainer.process_group import DistEnv
 
 
 class ModelParallelSoftmax(ModelParallelLoss):
@@ -17,24 +16,11 @@ class ModelParallelSoftmax(ModelParallelLoss):
     metric embedding uses, and leaving it out keeps the shard a single matrix).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_dim: int,
-        env: DistEnv | None = None,
-        *,
-        scale: float = 1.0,
-        weight: float = 1.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(num_classes, embedding_dim, env, weight=weight, seed=seed)
-        self.scale = scale
-
     @classmethod
     def from_config(cls, margin: float, scale: float, weight: float, num_classes: int, embedding_dim: int, **kw: Any) -> ModelParallelSoftmax:
         if margin:
             raise ValueError(f"loss.margin={margin}: ModelParallelSoftmax has no margin (use ModelParallelAMSoftmax)")
-        return cls(num_classes, embedding_dim, kw.get("env"), scale=scale, weight=weight, seed=kw.get("seed", 0))
+        return super().from_config(margin, scale, weight, num_classes, embedding_dim, **kw)  # type: ignore[return-value]
 
     def logits(self, all_embeddings: torch.Tensor, target_index: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
         return self.scale * self.classifier(all_embeddings)
