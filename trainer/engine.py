@@ -423,8 +423,9 @@ class Trainer:
             self._log("%s: logit scale %.2f from %d classes (loss.auto_scale)", loss.name.value, scale, classes)
         elif loss.name in FIXED_SCALE_LOSSES and scale > 8 * auto:
             self._log("loss.scale=%g is %.0fx the class-count scale %.1f for %d classes: on few classes so large a "
-                      "scale over-specialises the embedding (unseen classes retrieve worse); loss.auto_scale=true "
-                      "uses the class-count scale", scale, scale / auto, auto, classes, level=logging.WARNING)
+                      "scale over-specialises the embedding (unseen classes retrieve worse); with loss.scale "
+                      "and loss.auto_scale unset the run trains at the class-count scale",
+                      scale, scale / auto, auto, classes, level=logging.WARNING)
 
     def _log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
         if self.env.is_main:
