@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from imlt.trainer.config import LossName
 from imlt.trainer.losses.model_parallel_loss import ModelParallelLoss
 
 
 class ModelParallelAMSoftmax(ModelParallelLoss):
     """s * (cos - m [c == y]) over this rank's shard; AMSoftmaxLoss's formula, sharded."""
 
+    loss_name = LossName.MODEL_PARALLEL_AMSOFTMAX
     normalize = True
-    default_margin, default_scale = 0.4, 30.0
 
     def logits(self, all_embeddings: torch.Tensor, target_index: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
         cos = self.classifier(all_embeddings)

@@ -8,12 +8,13 @@ why, and what that means for the backbone's gradient under DDP).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from imlt.trainer.collectives import all_gather_rows, all_gather_with_grad
+from imlt.trainer.config import LOSS_DEFAULTS, LossName
 from imlt.trainer.losses.base import LossOutput, check_batch
 from imlt.trainer.losses.sharded_classifier import ShardedClassifier, distributed_cross_entropy
 from imlt.trainer.process_group import DistEnv
@@ -27,9 +28,7 @@ class ModelParallelLoss(nn.Module):
     """
 
     normalize: bool = False
-    # reference margin and scale; the config passes its own values (LOSS_DEFAULTS) through from_config
-    default_margin: float = 0.0
-    default_scale: float = 1.0
+    loss_name: ClassVar[LossName]  # margin and scale left out of the constructor default to LOSS_DEFAULTS[loss_name]
 
     def __init__(
         self,
@@ -45,8 +44,9 @@ class ModelParallelLoss(nn.Module):
         super().__init__()
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"loss weight must be in [0, 1], got {weight}")
-        self.margin = self.default_margin if margin is None else margin
-        self.scale = self.default_scale if scale is None else scale
+        default_margin, default_scale = LOSS_DEFAULTS[self.loss_name]
+        self.margin = default_margin if margin is None else margin
+        self.scale = default_scale if scale is None else scale
         self.classifier = ShardedClassifier(num_classes, embedding_dim, env, normalize=self.normalize, seed=seed)
         self.weight = weight
         self.head = ShardedClassifier(num_classes, embedding_dim, env, seed=seed + 1) if weight < 1.0 else None

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from imlt.trainer.config import LossName
 from imlt.trainer.losses.model_parallel_loss import ModelParallelLoss
 
 
@@ -15,6 +16,8 @@ class ModelParallelSoftmax(ModelParallelLoss):
     Plain FC + softmax as in the reference (no normalisation, no bias: a bias adds nothing a
     metric embedding uses, and leaving it out keeps the shard a single matrix).
     """
+
+    loss_name = LossName.MODEL_PARALLEL_SOFTMAX
 
     @classmethod
     def from_config(cls, margin: float, scale: float, weight: float, num_classes: int, embedding_dim: int, **kw: Any) -> ModelParallelSoftmax:
