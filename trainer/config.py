@@ -63,6 +63,8 @@ LOSS_DEFAULTS: dict[LossName, tuple[float, float]] = {
 FIXED_SCALE_LOSSES = {
     LossName.AMSOFTMAX, LossName.ARCFACE, LossName.COSFACE, LossName.SPHEREFACE, LossName.MODEL_PARALLEL_AMSOFTMAX,
 }
+_FIXED_SCALE_NAMES = ", ".join(n.value for n in LossName if n in FIXED_SCALE_LOSSES)
+_REFERENCE_SCALES = ", ".join(f"{n.value} {LOSS_DEFAULTS[n][1]:g}" for n in LossName if n in FIXED_SCALE_LOSSES)
 
 
 def class_count_scale(num_classes: int) -> float:
@@ -230,13 +232,12 @@ class LossConfig(_Section):
     name: LossName = Field(LossName.AMSOFTMAX, description="Metric loss: " + ", ".join(l.value for l in LossName))
     margin: float | None = Field(None, description="Loss margin (defaults per loss: AMSoftmax 0.4, ArcFace 28.6 deg, ...)")
     scale: float | None = Field(
-        None, gt=0, description="Logit scale; default: the class-count scale (see loss.auto_scale) for AMSoftmax, "
-        "ArcFace, CosFace, SphereFace and ModelParallelAMSoftmax, the reference 1 for the others. The reference "
-        "component's scales are AMSoftmax 30, ArcFace 64, CosFace 64, SphereFace 1"
+        None, gt=0, description=f"Logit scale; default: the class-count scale (see loss.auto_scale) for "
+        f"{_FIXED_SCALE_NAMES}, the reference 1 for the others. The reference component's scales are {_REFERENCE_SCALES}"
     )
     auto_scale: bool | None = Field(
         None, description="Logit scale from the class count, sqrt(2) ln(C - 1) (AdaCos), for the fixed-scale losses "
-        "(AMSoftmax, ArcFace, CosFace, SphereFace, ModelParallelAMSoftmax); default: on unless loss.scale is set. "
+        f"({_FIXED_SCALE_NAMES}); default: on unless loss.scale is set. "
         "The reference scales (30, 64) suit tens of thousands of classes and over-specialise the embedding on tens"
     )
     weight: float = Field(1.0, ge=0, le=1, description="Weight of the metric loss; 1 - weight goes to a plain softmax classifier")
@@ -250,7 +251,7 @@ class LossConfig(_Section):
         if self.auto_scale and not fixed_scale:
             raise ValueError(
                 f"loss.auto_scale applies to losses with a fixed logit scale "
-                f"({', '.join(sorted(n.value for n in FIXED_SCALE_LOSSES))}); {self.name.value} learns its scale "
+                f"({_FIXED_SCALE_NAMES}); {self.name.value} learns its scale "
                 "through the norms of its class weights"
             )
         if self.auto_scale is None:  # resolved here, so the saved config says which scale trained
