@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from imlt.trainer.checkpoint import ShardedCheckpointError, load_sharded, save_sharded
 from imlt.trainer.collectives import all_gather_with_grad
 from imlt.trainer.config import LOSS_DEFAULTS, LossConfig, LossName
-from imlt.trainer.losses import ModelParallelAMSoftmax, build_loss, shard_range
+from imlt.trainer.losses import ModelParallelAMSoftmax, ModelParallelSoftmax, build_loss, shard_range
 from imlt.trainer.process_group import DistEnv, init_process_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,6 +195,8 @@ def test_build_uses_config_defaults_and_rejects_a_softmax_margin() -> None:
     assert (am.margin, am.scale) == LOSS_DEFAULTS[LossName.MODEL_PARALLEL_AMSOFTMAX]
     with pytest.raises(ValueError, match="has no margin"):
         build_loss(LossConfig(name=LossName.MODEL_PARALLEL_SOFTMAX, margin=0.3), 10, 4, env=DistEnv())
+    with pytest.raises(ValueError, match="has no margin"):
+        ModelParallelSoftmax(10, 4, DistEnv(), margin=0.3)
 
 
 def test_loss_weight_mixes_in_a_sharded_softmax_head() -> None:

@@ -8,6 +8,7 @@ import torch
 
 from imlt.trainer.config import LossName
 from imlt.trainer.losses.model_parallel_loss import ModelParallelLoss
+from imlt.trainer.process_group import DistEnv
 
 
 class ModelParallelSoftmax(ModelParallelLoss):
@@ -19,11 +20,10 @@ class ModelParallelSoftmax(ModelParallelLoss):
 
     loss_name = LossName.MODEL_PARALLEL_SOFTMAX
 
-    @classmethod
-    def from_config(cls, margin: float, scale: float, weight: float, num_classes: int, embedding_dim: int, **kw: Any) -> ModelParallelSoftmax:
-        if margin:
-            raise ValueError(f"loss.margin={margin}: ModelParallelSoftmax has no margin (use ModelParallelAMSoftmax)")
-        return super().from_config(margin, scale, weight, num_classes, embedding_dim, **kw)  # type: ignore[return-value]
+    def __init__(self, num_classes: int, embedding_dim: int, env: DistEnv | None = None, **kw: Any) -> None:
+        if kw.get("margin"):
+            raise ValueError(f"loss.margin={kw['margin']}: ModelParallelSoftmax has no margin (use ModelParallelAMSoftmax)")
+        super().__init__(num_classes, embedding_dim, env, **kw)
 
     def logits(self, all_embeddings: torch.Tensor, target_index: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
         return self.scale * self.classifier(all_embeddings)
