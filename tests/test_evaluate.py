@@ -51,9 +51,9 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("model")
     cfg = RunConfig(output_dir=str(root), data={"image_size": IMAGE_SIZE},
-                    model={"backbone": "resnet18", "feature_dim": 8}, train={"device": "cpu"})
+                    model={"backbone": "resnet18", "feature_dim": 8, "zero_init_last": False}, train={"device": "cpu"})
     torch.manual_seed(0)
-    save_embedding_model(build_model(cfg.model, IMAGE_SIZE, zero_init_last=False).eval(), cfg, str(root), list(COLOURS))
+    save_embedding_model(build_model(cfg.model, IMAGE_SIZE).eval(), cfg, str(root), list(COLOURS))
     return str(root)
 
 

@@ -40,11 +40,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     cfg = RunConfig(
         output_dir=str(root),
         data={"image_size": IMAGE_SIZE},
-        model={"backbone": "resnet18", "feature_dim": 16},
+        model={"backbone": "resnet18", "feature_dim": 16, "zero_init_last": False},
         train={"device": "cpu"},
     )
     torch.manual_seed(0)
-    model = build_model(cfg.model, IMAGE_SIZE, zero_init_last=False)
+    model = build_model(cfg.model, IMAGE_SIZE)
     with torch.no_grad():  # non-trivial BatchNorm statistics in the neck, as after training
         model.neck[1].running_mean.uniform_(-0.5, 0.5)
         model.neck[1].running_var.uniform_(0.5, 2.0)

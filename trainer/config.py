@@ -210,6 +210,12 @@ class ModelConfig(_Section):
         description="Starting weights: `default` (the backbone's default timm tag), a timm tag (resnet50.a1_in1k), "
         "hf-hub:org/repo, or a local/oss:// file or import-weights folder; empty: random init. See docs/pretrained.md",
     )
+    zero_init_last: bool | None = Field(
+        None, description="From scratch: zero the last BatchNorm scale of each residual block (timm's default). "
+        "Default: on for SGD, off for AdamW, which grows those scales by only about lr a step and so keeps the residual "
+        "branches shut through a short run (resnet18 on 60 glyph classes, 150 steps, unseen-class R@1: AdamW 0.28 on, "
+        "0.61 off; SGD 0.51 on, 0.32 off)",
+    )
 
     @model_validator(mode="after")
     def _check_backbone_dim(self) -> "ModelConfig":
@@ -413,6 +419,8 @@ class RunConfig(_Section):
                 raise ValueError(
                     f"model.num_classes={self.model.num_classes} but data.class_names lists {len(names)} classes"
                 )
+        if self.model.zero_init_last is None:  # resolved here, so the saved config says which init trained
+            object.__setattr__(self.model, "zero_init_last", self.optim.optimizer == OptimizerName.SGD)
         # Host-independent on purpose: whether this host has a GPU is the training process's
         # question (trainer.device.check_fp16); a CPU launcher or evaluate pod parses the same config.
         if self.train.fp16 and self.train.device == Device.CPU:

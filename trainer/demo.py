@@ -1,7 +1,7 @@
 """`imlt demo`: the open-set glyph task end to end, with the two baselines beside the result.
 
 Baselines answer "did training help?": raw pixels (no model at all) and the same network
-untrained (built with zero_init_last=False, since timm's default zero-initialised blocks map
+untrained (as trained: model.zero_init_last off, since timm's default zero-initialised blocks map
 every image to nearly one embedding and would only measure tie-breaking).
 """
 
@@ -58,7 +58,7 @@ def baselines(val_dataset_dir: str, cfg_model: object, seed: int, last_model_dir
     pixels, labels = raw_pixel_embeddings(records, IMAGE_SIZE)
     torch.manual_seed(seed)
     rows = {"raw pixels": retrieval_metrics(pixels, labels)}
-    models = {"untrained network": build_model(cfg_model, IMAGE_SIZE, zero_init_last=False).eval(),
+    models = {"untrained network": build_model(cfg_model, IMAGE_SIZE).eval(),
               "last epoch (no selection)": load_embedding_model(last_model_dir)[0]}
     for name, model in models.items():
         emb, labels = embed(model, records, IMAGE_SIZE, batch_size=128, reader_threads=0, device="cpu")

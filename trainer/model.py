@@ -49,16 +49,14 @@ class EmbeddingModel(nn.Module):
         return F.normalize(self.neck(self.backbone(x)), dim=1)
 
 
-def build_model(cfg: ModelConfig, image_size: int, *, zero_init_last: bool = True) -> EmbeddingModel:
+def build_model(cfg: ModelConfig, image_size: int) -> EmbeddingModel:
     """Create the network, starting from `cfg.pretrained` if set; the load is logged and kept as `.pretrained`.
 
     Every error about the starting weights (unknown tag, not downloadable, shapes that do not fit)
-    is raised here, before a training run writes anything. zero_init_last=False matters only for an
-    untrained baseline: timm ResNets zero the last BN of each block by default, which maps every
-    image to nearly the same embedding.
+    is raised here, before a training run writes anything.
     """
     name = timm_name(cfg.backbone)
-    wanted = {"img_size": image_size, "zero_init_last": zero_init_last}
+    wanted = {"img_size": image_size, "zero_init_last": cfg.zero_init_last}
     accepted = _accepted_kwargs(name)
     kwargs = {k: v for k, v in wanted.items() if k in accepted and v is not None}
     weights = weights_mod.resolve_once_per_node(cfg.pretrained, cfg.backbone) if cfg.pretrained else None
