@@ -35,7 +35,7 @@ SPECIAL = {
     "model.backbone_feature_dim": 2048, "model.num_classes": 5, "model.pretrained": "weights/start.pt",
     "compute.model_type": "data-parallel", "compute.instance_type": "ecs.gn6i-c4g1.xlarge", "train.fp16": False,
     "loss.weight": 0.5, "optim.momentum": 0.5, "train.max_hours": 2.0, "loss.margin": 0.3, "loss.scale": 10.0,
-    "loss.auto_scale": False,
+    "loss.auto_scale": False, "model.zero_init_last": False,
 }
 
 
