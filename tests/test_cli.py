@@ -78,3 +78,13 @@ def test_imlt_run_on_the_example_file(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recall_at_1" in proc.stderr and "Model published:" in proc.stderr
     assert (tmp_path / "demo-output" / "run" / "published" / "v1" / "model_card.json").exists()
+
+    # the same folder with other settings: refused naming the field, then started over with --no-resume
+    (tmp_path / "run.yaml").write_text(text.replace("epochs: 1", "epochs: 2"))
+    refused = subprocess.run([sys.executable, "-m", "imlt.trainer.cli", "run", "run.yaml"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "train.epochs: 1 -> 2" in refused.stderr, refused.stderr[-3000:]
+    again = subprocess.run([sys.executable, "-m", "imlt.trainer.cli", "run", "run.yaml", "--no-resume"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "demo-output" / "run" / "published" / "v2" / "model_card.json").exists()

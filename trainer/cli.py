@@ -60,10 +60,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (DataError, StorageError, ValidationError, ValueError, FileNotFoundError, RuntimeError)
 
 
-def _call(fn: Any, *args: Any) -> Any:
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a step; expected failures become one message and an exit code."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except ConfigError as e:
         console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
         raise typer.Exit(EXIT_CONFIG) from None
@@ -204,11 +204,14 @@ the field; a failed step exits 1.
 
 
 @app.command(help=RUN_HELP)
-def run(config: Annotated[str, typer.Argument(help="Run file (YAML, local or oss://)")]) -> None:
+def run(
+    config: Annotated[str, typer.Argument(help="Run file (YAML, local or oss://)")],
+    resume: Annotated[bool, typer.Option(help="Continue from the model folder's last checkpoint (of the same config) if one exists")] = True,
+) -> None:
     from imlt.trainer.pipeline import PipelineConfig, run_pipeline
 
     pc = _call(PipelineConfig.from_file, config)
-    result = _call(run_pipeline, pc, lambda msg: console.print(f"[bold cyan]{msg}[/]"))
+    result = _call(run_pipeline, pc, lambda msg: console.print(f"[bold cyan]{msg}[/]"), resume=resume)
     _emit(result.published)
     if result.evaluation is not None:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.evaluation.metrics.items() if isinstance(v, float))

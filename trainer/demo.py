@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from imlt.trainer import storage
+from imlt.trainer.checkpoint import ResumeConfigError
 from imlt.trainer.config import validate_config
 from imlt.trainer.data.manifest import read_manifest
 from imlt.trainer.data.synthetic import generate_glyphs
@@ -85,7 +86,12 @@ def run_demo(output: Path, epochs: int, backbone: str, seed: int, console: Conso
         workdir=str(output / "work"), run=validate_config(raw),
         publish=PublishSettings(destination=str(output / "published"), min_recall_at_1=0.0),
     )
-    result = run_pipeline(pc, lambda msg: console.print(f"[bold cyan]{msg}[/]"))
+    announce = lambda msg: console.print(f"[bold cyan]{msg}[/]")  # noqa: E731
+    try:
+        result = run_pipeline(pc, announce)  # a killed demo resumes
+    except ResumeConfigError:  # e.g. other --epochs, or a newer version's defaults
+        console.print(f"[yellow]{output} holds a demo trained with other settings: training it again from the start[/]")
+        result = run_pipeline(pc, announce, resume=False)
     assert result.val_dataset is not None and result.evaluation is not None
     console.print("[bold cyan]baselines on the same unseen classes[/]")
     rows = baselines(result.val_dataset.dataset_dir, pc.run.model, seed, storage.join(result.trained.model_dir, LAST))

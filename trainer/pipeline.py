@@ -79,8 +79,12 @@ class PipelineResult(BaseModel):
 Announce = Callable[[str], Any]
 
 
-def run_pipeline(pc: PipelineConfig, announce: Announce = print) -> PipelineResult:
-    """read -> validate -> train -> evaluate -> publish; each step raises on failure."""
+def run_pipeline(pc: PipelineConfig, announce: Announce = print, *, resume: bool = True) -> PipelineResult:
+    """read -> validate -> train -> evaluate -> publish; each step raises on failure.
+
+    With `resume`, training continues from a checkpoint of the same config in the model folder's
+    checkpoints and refuses one of another config; without, it starts over.
+    """
     cfg, work = pc.run, pc.workdir
     data = cfg.data
     datasets: dict[str, steps.ReadDataOutput] = {}
@@ -102,6 +106,7 @@ def run_pipeline(pc: PipelineConfig, announce: Announce = print) -> PipelineResu
     announce(f"[3/5] train {cfg.model.backbone} + {cfg.loss.name.value} for {cfg.train.epochs} epochs")
     trained = steps.train(steps.TrainInput(
         config=cfg, train_dataset=datasets["train"].dataset_dir, val_dataset=val.dataset_dir if val else None,
+        resume=resume,
     ))
     evaluation = None
     if val is not None:
