@@ -1,8 +1,8 @@
 """`imlt demo`: the open-set glyph task end to end, with the two baselines beside the result.
 
 Baselines answer "did training help?": raw pixels (no model at all) and the same network
-untrained (as trained: model.zero_init_last off, since timm's default zero-initialised blocks map
-every image to nearly one embedding and would only measure tie-breaking).
+untrained (with model.zero_init_last off, since timm's default zero-initialised blocks map every
+image to nearly one embedding and would only measure tie-breaking).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.table import Table
 
 from imlt.trainer import storage
 from imlt.trainer.checkpoint import ResumeConfigError
-from imlt.trainer.config import validate_config
+from imlt.trainer.config import ModelConfig, validate_config
 from imlt.trainer.data.manifest import read_manifest
 from imlt.trainer.data.synthetic import generate_glyphs
 from imlt.trainer.model_files import CURVE, LAST
@@ -43,7 +43,7 @@ def demo_config(root: Path, epochs: int, backbone: str, seed: int) -> dict:
     }
 
 
-def baselines(val_dataset_dir: str, cfg_model: object, seed: int, last_model_dir: str) -> dict[str, dict[str, float]]:
+def baselines(val_dataset_dir: str, cfg_model: ModelConfig, seed: int, last_model_dir: str) -> dict[str, dict[str, float]]:
     """Raw pixels, the untrained network, and the last epoch's weights.
 
     The published model is the best epoch by val Recall@1, chosen on these same unseen classes, so
@@ -59,7 +59,8 @@ def baselines(val_dataset_dir: str, cfg_model: object, seed: int, last_model_dir
     pixels, labels = raw_pixel_embeddings(records, IMAGE_SIZE)
     torch.manual_seed(seed)
     rows = {"raw pixels": retrieval_metrics(pixels, labels)}
-    models = {"untrained network": build_model(cfg_model, IMAGE_SIZE).eval(),
+    untrained = cfg_model.model_copy(update={"zero_init_last": False})
+    models = {"untrained network": build_model(untrained, IMAGE_SIZE).eval(),
               "last epoch (no selection)": load_embedding_model(last_model_dir)[0]}
     for name, model in models.items():
         emb, labels = embed(model, records, IMAGE_SIZE, batch_size=128, reader_threads=0, device="cpu")
@@ -86,7 +87,9 @@ def run_demo(output: Path, epochs: int, backbone: str, seed: int, console: Conso
         workdir=str(output / "work"), run=validate_config(raw),
         publish=PublishSettings(destination=str(output / "published"), min_recall_at_1=0.0),
     )
-    announce = lambda msg: console.print(f"[bold cyan]{msg}[/]")  # noqa: E731
+    def announce(msg: str) -> None:
+        console.print(f"[bold cyan]{msg}[/]")
+
     try:
         result = run_pipeline(pc, announce)  # a killed demo resumes
     except ResumeConfigError:  # e.g. other --epochs, or a newer version's defaults
