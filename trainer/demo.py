@@ -20,6 +20,7 @@ from imlt.trainer.checkpoint import ResumeConfigError
 from imlt.trainer.config import ModelConfig, validate_config
 from imlt.trainer.data.manifest import read_manifest
 from imlt.trainer.data.synthetic import generate_glyphs
+from imlt.trainer.history import EpochStats, best_epoch
 from imlt.trainer.model_files import CURVE, LAST
 from imlt.trainer.pipeline import PipelineConfig, PublishSettings, run_pipeline
 
@@ -98,8 +99,9 @@ def run_demo(output: Path, epochs: int, backbone: str, seed: int, console: Conso
     assert result.val_dataset is not None and result.evaluation is not None
     console.print("[bold cyan]baselines on the same unseen classes[/]")
     rows = baselines(result.val_dataset.dataset_dir, pc.run.model, seed, storage.join(result.trained.model_dir, LAST))
-    best = max(result.trained.history, key=lambda h: h["val_recall_at_1"])["epoch"]
-    rows[f"trained {backbone} + {pc.run.loss.name.value}, published: best epoch ({best} of {epochs}) by R@1 on these classes"] = result.evaluation.metrics
+    best = best_epoch([EpochStats(**h) for h in result.trained.history])
+    assert best is not None  # at least one epoch trained
+    rows[f"trained {backbone} + {pc.run.loss.name.value}, published: best epoch ({best[0]} of {epochs}) by R@1 on these classes"] = result.evaluation.metrics
 
     table = Table(title=f"Open-set retrieval on {result.val_dataset.num_classes} unseen glyph classes "
                         f"({result.val_dataset.num_samples} images)")
