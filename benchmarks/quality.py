@@ -111,7 +111,7 @@ def train_and_score(spec: dict[str, Any]) -> dict[str, float] | None:
         "model": {"backbone": spec["backbone"], "feature_dim": spec["feature_dim"], "zero_init_last": spec["zero_init_last"]},
         "loss": {"name": spec["loss"], **({"auto_scale": False} if spec["reference_scale"] else {})},
         "optim": {"optimizer": spec["optimizer"], "lr": spec["lr"], "weight_decay": spec["weight_decay"],
-                  "scheduler": "cosine"},
+                  "warmup_epochs": spec["warmup_epochs"], "scheduler": "cosine"},
         "train": {"batch_size": spec["batch_size"], "epochs": spec["epochs"], "checkpoint_every": spec["epochs"],
                   "seed": spec["seed"], "device": spec["device"]},
     })
@@ -176,6 +176,8 @@ def main() -> None:
     p.add_argument("--optimizer", default="AdamW", choices=["AdamW", "SGD"])
     p.add_argument("--lr", type=float, default=None, help="Peak learning rate (default: the optimiser's product default)")
     p.add_argument("--weight-decay", type=float, default=None, help="Weight decay (default: the optimiser's product default)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="Epochs of linear warm-up (default: the optimiser's product default)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers while training")
     p.add_argument("--reference-scale", action="store_true",
                    help="Train at the reference component's logit scales (loss.auto_scale=false: AMSoftmax 30, ArcFace and "
@@ -186,9 +188,11 @@ def main() -> None:
     args = p.parse_args()
     from imlt.trainer.config import OPTIM_DEFAULTS, OptimizerName
 
-    default_lr, default_wd = OPTIM_DEFAULTS[OptimizerName(args.optimizer)]
-    args.lr = default_lr if args.lr is None else args.lr
-    args.weight_decay = default_wd if args.weight_decay is None else args.weight_decay
+    defaults = OPTIM_DEFAULTS[OptimizerName(args.optimizer)]
+    warmup_is_default = args.warmup_epochs is None
+    for name, value in defaults._asdict().items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.full:
         args.per_class, args.epochs, args.digits_every = 40, 10, 1
     if args.quick:
@@ -226,7 +230,7 @@ def main() -> None:
                         "output_dir": str(Path(tmp, "runs", task, backbone, loss, str(seed))),
                         "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
                         "feature_dim": args.feature_dim, "optimizer": args.optimizer, "lr": args.lr,
-                        "weight_decay": args.weight_decay, "workers": args.workers, "device": args.device,
+                        "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "workers": args.workers, "device": args.device,
                         "reference_scale": args.reference_scale, "zero_init_last": True if args.zero_init_last else None,
                     }
                     m = train_and_score(spec)
@@ -260,7 +264,7 @@ def main() -> None:
         f"Sizes ({'full' if args.full else 'default, not converged'}): {args.image_size} px, glyphs "
         f"{args.per_class} train / {glyph_val(args.per_class)} val images a class (60 train classes, 26 unseen), digits 0-4 "
         f"train (every {args.digits_every}. scan), 5-9 unseen (all ~900); {args.epochs} epochs, batch {args.batch_size}, "
-        f"{args.optimizer} lr {args.lr} weight decay {args.weight_decay} cosine, {args.threads} torch thread(s), "
+        f"{args.optimizer} lr {args.lr} weight decay {args.weight_decay} warm-up {args.warmup_epochs} epoch(s) then cosine, {args.threads} torch thread(s), "
         f"{args.feature_dim}-d embeddings, product default margin per loss, "
         + ("the reference component's scale per loss" if args.reference_scale else
            "product default scale per loss (the class-count scale sqrt(2) ln 59 = 5.77 on glyphs for the fixed-scale losses)")
@@ -272,7 +276,8 @@ def main() -> None:
     # one section per recipe: runs of different recipes (e.g. side by side on two cores) keep each other's results
     variant = "".join(f"_{v}" for v in (args.optimizer.lower() if args.optimizer != "AdamW" else "",
                                         "reference_scale" if args.reference_scale else "",
-                                        "zero_init_last" if args.zero_init_last else "") if v)
+                                        "zero_init_last" if args.zero_init_last else "",
+                                        "" if warmup_is_default else f"warmup{args.warmup_epochs}") if v)
     title = "Quality: Recall@K and MAP@R on unseen classes" + (f" ({variant[1:].replace('_', ' ')})" if variant else "")
     C.report(args, MODULE, "quality" + variant, title, headlines, body, info=info, started=started)
 

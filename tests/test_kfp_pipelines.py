@@ -128,11 +128,11 @@ def _outputs(run: Path, task: str) -> dict[str, Any]:
     return {name: lst["artifacts"][0] for name, lst in out.get("artifacts", {}).items()}
 
 
-# margin, scale, auto_scale, lr, weight decay and zero_init_last default to None (the loss's and optimiser's own);
+# margin, scale, auto_scale, lr, weight decay, warm-up and zero_init_last default to None (the loss's and optimiser's own);
 # kfp.local needs a value
 TINY = dict(backbone="resnet18", image_size=32, feature_dim=16, epochs=1, batch_size=8, reader_threads=0,
-            lr=0.01, weight_decay=5e-4, max_hours=1.0, margin=0.4, scale=30.0, auto_scale=False, zero_init_last=True,
-            pretrained="")  # the pipelines default to ImageNet weights; tests never touch the network
+            lr=0.01, weight_decay=5e-4, warmup_epochs=0, max_hours=1.0, margin=0.4, scale=30.0, auto_scale=False,
+            zero_init_last=True, pretrained="")  # the pipelines default to ImageNet weights; tests never touch the network
 
 
 @pytest.mark.slow

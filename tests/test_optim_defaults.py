@@ -12,8 +12,8 @@ from imlt.trainer.config import OPTIM_DEFAULTS, OptimizerName, load_config
 def test_defaults_follow_the_optimiser() -> None:
     sgd = load_config({"output_dir": "/tmp/x"})
     adamw = load_config({"output_dir": "/tmp/x", "optim": {"optimizer": "AdamW"}})
-    assert (sgd.optim.lr, sgd.optim.weight_decay) == (0.1, 5e-4) == OPTIM_DEFAULTS[OptimizerName.SGD]
-    assert (adamw.optim.lr, adamw.optim.weight_decay) == (1e-3, 1e-4) == OPTIM_DEFAULTS[OptimizerName.ADAMW]
+    assert (sgd.optim.lr, sgd.optim.weight_decay, sgd.optim.warmup_epochs) == (0.1, 5e-4, 1) == OPTIM_DEFAULTS[OptimizerName.SGD]
+    assert (adamw.optim.lr, adamw.optim.weight_decay, adamw.optim.warmup_epochs) == (1e-3, 1e-4, 0) == OPTIM_DEFAULTS[OptimizerName.ADAMW]
 
 
 def test_explicit_values_win_and_resolved_config_round_trips_with_the_same_hash() -> None:
@@ -28,7 +28,7 @@ def test_explicit_values_win_and_resolved_config_round_trips_with_the_same_hash(
 def test_sgd_default_hash_is_unchanged_by_the_resolution() -> None:
     """A run started before defaults became per-optimiser resumes: same resolved numbers, same hash."""
     implicit = load_config({"output_dir": "/tmp/x"})
-    explicit = load_config({"output_dir": "/tmp/x", "optim": {"lr": 0.1, "weight_decay": 5e-4}})
+    explicit = load_config({"output_dir": "/tmp/x", "optim": {"lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1}})
     assert implicit.config_hash() == explicit.config_hash()
 
 

@@ -36,6 +36,7 @@ SPECIAL = {
     "compute.model_type": "data-parallel", "compute.instance_type": "ecs.gn6i-c4g1.xlarge", "train.fp16": False,
     "loss.weight": 0.5, "optim.momentum": 0.5, "train.max_hours": 2.0, "loss.margin": 0.3, "loss.scale": 10.0,
     "loss.auto_scale": False, "model.zero_init_last": False,
+    "optim.warmup_epochs": 0,  # a 0 that is a value (SGD's default is 1): no adapter may read it as "unset"
 }
 
 
@@ -131,7 +132,7 @@ def test_cli_step_commands_expose_every_input_field_with_its_default(step: str, 
 
 def _kfp_default(p: Parameter) -> Any:
     """A model default in KFP's spelling (components/kfp/_factory.kfp_input)."""
-    return 0 if p.kind is int and p.nullable and p.default is None else p.default
+    return 0 if p.kind is int and p.nullable and p.default is None and not p.zero_allowed else p.default
 
 
 @pytest.mark.parametrize("component", ["train", "train_on_kubernetes"])

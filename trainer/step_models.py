@@ -217,6 +217,7 @@ class Parameter:
     description: str
     required: bool
     nullable: bool  # None is a meaningful value (derive it, or "none")
+    zero_allowed: bool = True  # 0 passes the field's bounds (an adapter may spell "unset" as 0 only when it does not)
 
 
 def _adapter_kind(annotation: Any) -> tuple[Any, bool]:
@@ -235,6 +236,16 @@ def _adapter_kind(annotation: Any) -> tuple[Any, bool]:
     if get_origin(annotation) is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
         return dict, nullable
     return annotation, nullable
+
+
+def _zero_allowed(constraints: list[Any]) -> bool:
+    """Whether 0 passes a field's gt/ge bounds (pydantic keeps them as annotated_types objects)."""
+    for c in constraints:
+        if getattr(c, "gt", None) is not None and not 0 > c.gt:
+            return False
+        if getattr(c, "ge", None) is not None and not 0 >= c.ge:
+            return False
+    return True
 
 
 def _spelling(value: Any) -> Any:
@@ -261,7 +272,8 @@ def model_parameters(model: type[BaseModel], exclude: Iterable[str] = (), prefix
         default = None if required else _spelling(field.get_default(call_default_factory=True))
         if isinstance(default, list):
             default = [_spelling(v) for v in default]
-        out.append(Parameter(RENAMES.get(path, name), path, kind, default, field.description or "", required, nullable))
+        out.append(Parameter(RENAMES.get(path, name), path, kind, default, field.description or "", required, nullable,
+                             _zero_allowed(field.metadata)))
     names = [p.name for p in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:  # a new field whose leaf name clashes: give it an entry in RENAMES

@@ -40,13 +40,14 @@ class Io:
 def kfp_input(p: Parameter, *, unset: str = "none", default: Any = ..., description: str | None = None) -> Io:
     """A step or config parameter as a KFP input, with KFP's conventions for "unset".
 
-    kfp.local cannot pass None to an int input, so a nullable int is `int = 0` (0 is not a valid
-    value of those fields: it means "derive it"); nullable strings are Optional[str] = None,
+    kfp.local cannot pass None to an int input, so a nullable int that cannot be 0 is `int = 0`
+    (0 means "derive it"); one that can (optim.warmup_epochs) stays Optional[int] = None, which
+    kfp.local runs need a value for, like other None defaults; nullable strings are Optional[str] = None,
     and "" is read as unset too (pipelines pass "" for unset strings). `unset="empty"` writes
     the pipeline spelling: "" for strings.
     """
     value = p.default if default is ... else default
-    if p.kind is int and p.nullable and value is None:
+    if p.kind is int and p.nullable and value is None and not p.zero_allowed:
         annotation, value = "int", 0
     elif p.kind in (str, int, float, bool):
         annotation = p.kind.__name__

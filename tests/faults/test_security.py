@@ -129,7 +129,7 @@ def test_kfp_pipeline_on_oss_leaks_no_credential_into_artifacts(
     training_pipeline(train_annotations=train_ann, val_annotations=val_ann, destination=sts_server.url("published"),
                       min_recall_at_1=0.0, backbone=BACKBONE, image_size=IMAGE_SIZE, feature_dim=16, epochs=1,
                       batch_size=8, reader_threads=0, lr=0.05, weight_decay=5e-4, max_hours=1.0, margin=0.4, scale=30.0,
-                      auto_scale=False, zero_init_last=True,
+                      auto_scale=False, zero_init_last=True, warmup_epochs=0,
                       pretrained="")  # the pipelines default to ImageNet weights; tests never touch the network
     out, err = capfd.readouterr()
     assert "secure-bucket/published/latest" in all_objects(sts_server)  # published through OSS
