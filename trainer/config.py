@@ -287,16 +287,20 @@ OPTIM_DEFAULTS: dict[OptimizerName, OptimDefaults] = {
 }
 
 
+def _per_optimiser(field: str) -> str:
+    return "default per optimiser: " + ", ".join(f"{name.value} {getattr(d, field):g}" for name, d in OPTIM_DEFAULTS.items())
+
+
 class OptimConfig(_Section):
     optimizer: OptimizerName = Field(OptimizerName.SGD, description="SGD or AdamW; the loss's own parameters (class centres) are trained too")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate (default per optimiser: SGD 0.1, AdamW 0.001)")
+    lr: float | None = Field(None, gt=0, description=f"Peak learning rate ({_per_optimiser('lr')})")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (AdamW ignores it)")
     weight_decay: float | None = Field(
-        None, ge=0, description="Weight decay, L2 for SGD, decoupled for AdamW (default per optimiser: SGD 5e-4, AdamW 1e-4)"
+        None, ge=0, description=f"Weight decay, L2 for SGD, decoupled for AdamW ({_per_optimiser('weight_decay')})"
     )
     scheduler: Scheduler = Field(Scheduler.COSINE, description="Learning-rate schedule after warm-up: cosine, step or constant")
     warmup_epochs: int | None = Field(
-        None, ge=0, description="Epochs of linear learning-rate warm-up (default per optimiser: SGD 1, AdamW 0)"
+        None, ge=0, description=f"Epochs of linear learning-rate warm-up ({_per_optimiser('warmup_epochs')})"
     )
 
     @model_validator(mode="after")
