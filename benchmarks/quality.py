@@ -232,7 +232,8 @@ def main() -> None:
                         "output_dir": str(Path(tmp, "runs", task, backbone, loss, str(seed))),
                         "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
                         "feature_dim": args.feature_dim, "optimizer": args.optimizer, "lr": args.lr,
-                        "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "workers": args.workers, "device": args.device,
+                        "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+                        "workers": args.workers, "device": args.device,
                         "reference_scale": args.reference_scale, "zero_init_last": True if args.zero_init_last else None,
                     }
                     m = train_and_score(spec)
@@ -266,7 +267,8 @@ def main() -> None:
         f"Sizes ({'full' if args.full else 'default, not converged'}): {args.image_size} px, glyphs "
         f"{args.per_class} train / {glyph_val(args.per_class)} val images a class (60 train classes, 26 unseen), digits 0-4 "
         f"train (every {args.digits_every}. scan), 5-9 unseen (all ~900); {args.epochs} epochs, batch {args.batch_size}, "
-        f"{args.optimizer} lr {args.lr} weight decay {args.weight_decay} warm-up {args.warmup_epochs} epoch(s) then cosine, {args.threads} torch thread(s), "
+        f"{args.optimizer} lr {args.lr} weight decay {args.weight_decay} warm-up {args.warmup_epochs} epoch(s) then cosine, "
+        f"{args.threads} torch thread(s), "
         f"{args.feature_dim}-d embeddings, product default margin per loss, "
         + ("the reference component's scale per loss" if args.reference_scale else
            "product default scale per loss (the class-count scale sqrt(2) ln 59 = 5.77 on glyphs for the fixed-scale losses)")

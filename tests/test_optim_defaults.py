@@ -25,8 +25,8 @@ def test_explicit_values_win_and_resolved_config_round_trips_with_the_same_hash(
     assert again.config_hash() == cfg.config_hash() == dumped["config_hash"]
 
 
-def test_sgd_default_hash_is_unchanged_by_the_resolution() -> None:
-    """A run started before defaults became per-optimiser resumes: same resolved numbers, same hash."""
+def test_implicit_sgd_defaults_hash_like_the_numbers_written_out() -> None:
+    """The hash is of the resolved numbers: a run that leaves the defaults implicit resumes one that wrote them out."""
     implicit = load_config({"output_dir": "/tmp/x"})
     explicit = load_config({"output_dir": "/tmp/x", "optim": {"lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1}})
     assert implicit.config_hash() == explicit.config_hash()

@@ -278,9 +278,10 @@ class OptimDefaults(NamedTuple):
 # Defaults that follow the optimiser. SGD keeps the reference product's lr 0.1 and weight decay
 # 5e-4, plus one warm-up epoch: from scratch at lr 0.1 the first full-size steps are the ones that
 # hurt (Goyal et al.); on the glyph benchmark (3 seeds) it lifted LargeMarginSoftmax from 0.42 to
-# 0.52 R@1 and left the other losses within their spread (benchmarks/RESULTS.md, quality_sgd). AdamW at lr 0.1 diverges and its decoupled decay wants a
-# smaller coefficient, so it gets PyTorch's lr 1e-3, the 1e-4 decay of the demo's recipe, and no
-# warm-up (its steps are already about lr in size from the first one).
+# 0.52 R@1 and left the other losses within their spread (benchmarks/RESULTS.md, quality_sgd).
+# AdamW at lr 0.1 diverges and its decoupled decay wants a smaller coefficient, so it gets
+# PyTorch's lr 1e-3, the 1e-4 decay of the demo's recipe, and no warm-up (its steps are already
+# about lr in size from the first one).
 OPTIM_DEFAULTS: dict[OptimizerName, OptimDefaults] = {
     OptimizerName.SGD: OptimDefaults(lr=0.1, weight_decay=5e-4, warmup_epochs=1),
     OptimizerName.ADAMW: OptimDefaults(lr=1e-3, weight_decay=1e-4, warmup_epochs=0),
