@@ -188,13 +188,12 @@ def main() -> None:
                    help="Zero the last BatchNorm of each residual block at init (timm's default) whatever the optimiser (product "
                         "default: with SGD only)")
     args = p.parse_args()
-    from imlt.trainer.config import OPTIM_DEFAULTS, OptimizerName
+    from imlt.trainer.config import OptimConfig
 
-    defaults = OPTIM_DEFAULTS[OptimizerName(args.optimizer)]
     warmup_is_default = args.warmup_epochs is None
-    for name, value in defaults._asdict().items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    optim = OptimConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                        warmup_epochs=args.warmup_epochs)  # the product's per-optimiser defaults fill the gaps
+    args.lr, args.weight_decay, args.warmup_epochs = optim.lr, optim.weight_decay, optim.warmup_epochs
     if args.full:
         args.per_class, args.epochs, args.digits_every = 40, 10, 1
     if args.quick:

@@ -132,7 +132,7 @@ def test_cli_step_commands_expose_every_input_field_with_its_default(step: str, 
 
 def _kfp_default(p: Parameter) -> Any:
     """A model default in KFP's spelling (components/kfp/_factory.kfp_input)."""
-    return 0 if p.kind is int and p.nullable and p.default is None and not p.zero_allowed else p.default
+    return 0 if p.zero_is_unset and p.default is None else p.default
 
 
 @pytest.mark.parametrize("component", ["train", "train_on_kubernetes"])

@@ -217,7 +217,12 @@ class Parameter:
     description: str
     required: bool
     nullable: bool  # None is a meaningful value (derive it, or "none")
-    zero_allowed: bool = True  # 0 passes the field's bounds (an adapter may spell "unset" as 0 only when it does not)
+    zero_allowed: bool = True  # 0 passes the field's bounds
+
+    @property
+    def zero_is_unset(self) -> bool:
+        """A nullable int that cannot be 0: an adapter that cannot pass None (kfp.local) spells None as 0."""
+        return self.kind is int and self.nullable and not self.zero_allowed
 
 
 def _adapter_kind(annotation: Any) -> tuple[Any, bool]:

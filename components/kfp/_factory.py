@@ -47,7 +47,7 @@ def kfp_input(p: Parameter, *, unset: str = "none", default: Any = ..., descript
     the pipeline spelling: "" for strings.
     """
     value = p.default if default is ... else default
-    if p.kind is int and p.nullable and value is None and not p.zero_allowed:
+    if p.zero_is_unset and value is None:
         annotation, value = "int", 0
     elif p.kind in (str, int, float, bool):
         annotation = p.kind.__name__

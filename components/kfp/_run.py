@@ -19,9 +19,7 @@ def unset_to_none(params: list[Parameter], values: dict[str, Any]) -> dict[str, 
     """KFP's spellings of "unset" (see _factory.kfp_input) back to None, for nullable fields."""
     out = dict(values)
     for p in params:
-        if p.name not in out or not p.nullable:
-            continue
-        if out[p.name] == "" or (p.kind is int and out[p.name] == 0 and not p.zero_allowed):
+        if p.name in out and p.nullable and (out[p.name] == "" or (p.zero_is_unset and out[p.name] == 0)):
             out[p.name] = None
     return out
 
